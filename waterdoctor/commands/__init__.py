@@ -1,0 +1,1 @@
+"""Sub-commands of the waterdoctor CLI, one module each."""

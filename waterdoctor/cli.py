@@ -18,12 +18,23 @@ from handoff.errors import HandoffError
 from handoff.settings import Settings
 
 COMMANDS = (
-    "up", "ingest", "analytics", "alerting", "retention", "simulate", "load", "status", "replay", "dlq",
+    "up",
+    "ingest",
+    "analytics",
+    "alerting",
+    "retention",
+    "simulate",
+    "load",
+    "status",
+    "replay",
+    "dlq",
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="waterdoctor", description="Telemetry-to-alert pipeline for water utilities")
+    parser = argparse.ArgumentParser(
+        prog="waterdoctor", description="Telemetry-to-alert pipeline for water utilities"
+    )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:

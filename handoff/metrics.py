@@ -1,0 +1,41 @@
+"""Prometheus metrics shared by every crew (CONTRACT.md section 7), and the HTTP endpoint that serves them.
+
+Crew-specific metrics live in each crew's own module; everything about streams and groups is defined here once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+logger = logging.getLogger(__name__)
+
+STREAM_LAG = Gauge(
+    "wd_stream_lag", "Entries in the stream not yet delivered to the group", ["stream", "group"]
+)
+STREAM_PENDING = Gauge(
+    "wd_stream_pending", "Entries delivered to the group but not yet acknowledged", ["stream", "group"]
+)
+STREAM_OLDEST_PENDING = Gauge(
+    "wd_stream_oldest_pending_seconds", "Age of the group's oldest pending entry", ["stream", "group"]
+)
+STREAM_LENGTH = Gauge("wd_stream_length", "Entries in the stream", ["stream"])
+ACKED = Counter("wd_acked_total", "Entries acknowledged by this process", ["stream", "group"])
+DEAD_LETTERS = Counter(
+    "wd_dead_letters_total", "Entries moved to the dead-letter stream by this process", ["stream", "group"]
+)
+HANDLED_SECONDS = Histogram(
+    "wd_batch_handle_seconds",
+    "Time a crew's handler spent on one batch",
+    ["stream", "group"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+
+
+def serve_metrics(port: int | None, addr: str = "0.0.0.0") -> None:
+    """Serve ``/metrics`` on ``port`` (``None`` or 0: do not serve)."""
+    if not port:
+        return
+    start_http_server(port, addr=addr)
+    logger.info("metrics on http://%s:%d/metrics", addr, port)

@@ -73,7 +73,8 @@ class Explanation(BaseModel):
 class Anomaly(BaseModel):
     """Payload of ``wd:anomalies:v1`` entries and ``wd:alerts:v1`` messages. ``score``: higher is more anomalous."""
 
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)  # optional fields may be added (e.g. replayed)
+    # Optional fields may be added (e.g. ``replayed``), so unknown keys are kept.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     alert_id: str = Field(description="{site}:{sensor_id}:{seq}")
     site: Identifier
@@ -91,8 +92,15 @@ class Anomaly(BaseModel):
 
 
 QuarantineReason = Literal[
-    "invalid_json", "schema", "non_finite", "too_large", "topic_mismatch", "bad_identifier", "clock_skew",
-    "rate_limited", "stale_seq",
+    "invalid_json",
+    "schema",
+    "non_finite",
+    "too_large",
+    "topic_mismatch",
+    "bad_identifier",
+    "clock_skew",
+    "rate_limited",
+    "stale_seq",
 ]
 
 

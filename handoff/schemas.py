@@ -25,7 +25,9 @@ def render() -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--write", action="store_true", help="write the files (default: check they are current)")
+    parser.add_argument(
+        "--write", action="store_true", help="write the files (default: check they are current)"
+    )
     parser.add_argument("--dir", type=Path, default=SCHEMA_DIR)
     args = parser.parse_args(argv)
     stale = []
@@ -37,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         elif not path.exists() or path.read_text() != text:
             stale.append(fname)
     if stale:
-        print("stale schema files (run python -m handoff.schemas --write):", ", ".join(stale), file=sys.stderr)
+        print(
+            "stale schema files (run python -m handoff.schemas --write):", ", ".join(stale), file=sys.stderr
+        )
         return 1
     return 0
 

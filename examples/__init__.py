@@ -1,0 +1,1 @@
+"""Examples that use the hand-off layer outside water telemetry."""

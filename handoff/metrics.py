@@ -5,7 +5,10 @@ Crew-specific metrics live in each crew's own module; everything about streams a
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -39,3 +42,31 @@ def serve_metrics(port: int | None, addr: str = "0.0.0.0") -> None:
         return
     start_http_server(port, addr=addr)
     logger.info("metrics on http://%s:%d/metrics", addr, port)
+
+
+async def refresh_stream_metrics(redis: Any, stream: str, group: str | None = None) -> None:
+    """Set the stream and group gauges from :func:`handoff.stats.stream_stats` (one round trip or two)."""
+    from handoff.stats import stream_stats
+
+    stats = await stream_stats(redis, stream, memory_samples=1, lag_count_cap=10_000)
+    STREAM_LENGTH.labels(stream).set(stats.length)
+    for g in stats.groups:
+        if group is not None and g.name != group:
+            continue
+        STREAM_LAG.labels(stream, g.name).set(g.lag)
+        STREAM_PENDING.labels(stream, g.name).set(g.pending)
+        STREAM_OLDEST_PENDING.labels(stream, g.name).set((g.oldest_pending_age_ms or 0) / 1000)
+
+
+async def stream_metrics_loop(
+    redis: Any, targets: list[tuple[str, str | None]], stop: asyncio.Event, interval_s: float = 2.0
+) -> None:
+    """Refresh the gauges of ``(stream, group)`` pairs every ``interval_s`` until ``stop``; errors are logged."""
+    while not stop.is_set():
+        for stream, group in targets:
+            try:
+                await refresh_stream_metrics(redis, stream, group)
+            except Exception as exc:  # a metrics refresh must never take a crew down
+                logger.debug("metrics refresh of %s failed: %s", stream, exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)

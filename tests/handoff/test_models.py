@@ -51,7 +51,13 @@ def test_contract_example_anomaly_validates() -> None:
     ],
 )
 def test_sensor_reading_rules(bad: dict[str, object]) -> None:
-    good = {"site": "plant-7", "sensor_id": "s-1", "seq": 1, "ts": "2026-12-01T07:00:00Z", "metrics": {"ph": 7.0}}
+    good = {
+        "site": "plant-7",
+        "sensor_id": "s-1",
+        "seq": 1,
+        "ts": "2026-12-01T07:00:00Z",
+        "metrics": {"ph": 7.0},
+    }
     SensorReading.model_validate(good)
     with pytest.raises(ValidationError):
         SensorReading.model_validate({**good, **bad})
@@ -60,7 +66,15 @@ def test_sensor_reading_rules(bad: dict[str, object]) -> None:
 def test_normalized_reading_is_strict() -> None:
     with pytest.raises(ValidationError):
         NormalizedReading.model_validate(
-            {"site": "a", "sensor_id": "b", "seq": 1, "ts_ms": 1, "received_ms": 1, "metrics": {"ph": 1}, "x": 1}
+            {
+                "site": "a",
+                "sensor_id": "b",
+                "seq": 1,
+                "ts_ms": 1,
+                "received_ms": 1,
+                "metrics": {"ph": 1},
+                "x": 1,
+            }
         )
 
 

@@ -1,0 +1,14 @@
+# One image for every crew: `docker run ... waterdoctor <crew>`.
+FROM python:3.11-slim
+WORKDIR /app
+RUN pip install --no-cache-dir "uv==0.13.9"
+COPY pyproject.toml uv.lock README.md ./
+COPY handoff handoff
+COPY ingest ingest
+COPY analytics analytics
+COPY alerting alerting
+COPY retention retention
+COPY simulators simulators
+COPY waterdoctor waterdoctor
+RUN uv sync --frozen --no-dev && ln -s /app/.venv/bin/waterdoctor /usr/local/bin/waterdoctor
+USER nobody

@@ -109,6 +109,8 @@ class TwilioFake:
     accepted: list[Accepted] = field(default_factory=list, init=False)
     #: Status code (or fault name for hangs and resets) of every request, in arrival order.
     responses: list[str] = field(default_factory=list, init=False)
+    #: (alert_id found in the body, To, status or fault) of every request that got past auth, in arrival order.
+    log: list[tuple[str | None, str, str]] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.faults.seed)
@@ -224,9 +226,12 @@ class TwilioFake:
                 return self._script.pop(0)
             return self.faults.draw(self._rng)
 
-    def _note(self, what: str) -> None:
+    def _note(self, what: str, to: str = "", body: str = "") -> None:
+        m = ALERT_ID_IN_BODY.search(body)
         with self._lock:
             self.responses.append(what)
+            if to:
+                self.log.append((m.group(1) if m else None, to, what))
 
     def _accept(self, to: str, from_: str, body: str, via: str) -> Accepted:
         msg = Accepted(
@@ -255,21 +260,21 @@ class TwilioFake:
             self._note("400")
             return _error(400, 21602, "Message body is required.")
         if not E164.match(to) or to in self.invalid_numbers:
-            self._note("400")
+            self._note("400", to, body)
             return _error(400, 21211, f"The 'To' number {to} is not a valid phone number.")
 
         fault = self._next_fault()
         if fault == "429":
-            self._note("429")
+            self._note("429", to, body)
             headers = {}
             if self.faults.retry_after is not None:
                 headers["Retry-After"] = _fmt_seconds(self.faults.retry_after)
             return _error(429, 20429, "Too Many Requests", headers)
         if fault in ("500", "503"):
-            self._note(fault)
+            self._note(fault, to, body)
             return _error(int(fault), 20000 + int(fault), "Service Unavailable")
         if fault == "timeout":
-            self._note("timeout")
+            self._note("timeout", to, body)
             if self.faults.timeout_accepts:
                 self._accept(to, from_, body, via="timeout")
             task = asyncio.current_task()
@@ -281,7 +286,7 @@ class TwilioFake:
                 self._hangs.discard(task)
             return _error(504, 20504, "Gateway Timeout")
         if fault == "reset":
-            self._note("reset")
+            self._note("reset", to, body)
             if self.faults.timeout_accepts:
                 self._accept(to, from_, body, via="reset")
             if request.transport is not None:
@@ -289,7 +294,7 @@ class TwilioFake:
             raise web.HTTPInternalServerError()  # never reaches the client; ends the handler
 
         msg = self._accept(to, from_, body, via="ok")
-        self._note("201")
+        self._note("201", to, body)
         now = formatdate(msg.at, usegmt=True)
         uri = f"/2010-04-01/Accounts/{sid}/Messages/{msg.sid}.json"
         payload = {

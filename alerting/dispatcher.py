@@ -1,0 +1,608 @@
+"""The one dispatcher both inputs call: Pub/Sub messages and ``alerting`` group stream entries.
+
+``await dispatcher.dispatch(anomaly)`` returns True when the alert is *settled*: every SMS it calls for has a final
+outcome (accepted, unknown, rejected, dry run) or is deferred durably in Redis (quiet hours, a long 429 backoff),
+and its escalations and fold summaries are scheduled durably. The stream consumer acks the entry only then; the
+Pub/Sub path can ignore the result (the stream brings the alert again if it was not settled).
+
+At most once per alert and phone (CONTRACT.md section 6): before any request, a compare-and-set in the ledger moves
+the (alert, phone) record into ``sending``; only the winner sends, whoever else arrives (the other input, another
+alerting process, a restart) waits for its outcome or, when the claim was abandoned (crash mid-send), records the
+outcome as ``unknown`` and never resends it. 429 is retried with backoff honouring ``Retry-After``; a 5xx, a timeout
+or a reset after sending is ``unknown``.
+
+Background work (deferred warnings after quiet hours, 429 retries too long to wait for inline, escalations, fold
+summaries) lives in a Redis sorted set, so it survives restarts; :meth:`Dispatcher.run_scheduler` polls it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import pydantic
+import redis.asyncio as aredis
+
+from alerting import metrics
+from alerting.body import ack_code, format_body
+from alerting.errors import InvalidAnomaly
+from alerting.ledger import (
+    DURABLE_STATES,
+    FINAL_STATES,
+    Ledger,
+    esc_member,
+    loads,
+    phone_field,
+    send_member,
+)
+from alerting.ratelimit import SendRateLimiter
+from alerting.routing import SEVERITY_RANK, QuietHours, Routing
+from alerting.sms import Outcome, SendResult, SmsSender
+from handoff.models import Anomaly
+from handoff.settings import mask_phone
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AckResult", "DispatchConfig", "Dispatcher"]
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchConfig:
+    """Tunables of the dispatcher; the defaults suit production."""
+
+    #: Ledger records live as long as the anomalies they belong to (``WD_ANOMALY_RETENTION_DAYS``).
+    retention_days: float = 30.0
+    #: Anomalies of one sensor and metric within this many seconds (reading time) of a lead fold into it.
+    fold_window_s: float = 600.0
+    #: A fold summary waits at least this long after the first fold, so a backfill burst yields one summary.
+    fold_settle_s: float = 30.0
+    #: At most this many leads (SMS-worthy alerts) per sensor and severity per throttle window (0: no limit);
+    #: a separate budget for critical, so a sensor flooding warnings cannot hold a critical back.
+    throttle_max: int = 6
+    throttle_window_s: float = 3600.0
+    #: 429 handling: retries waited for inline before the SMS is handed to the durable scheduler.
+    max_inline_attempts: int = 8
+    max_inline_wait_s: float = 10.0
+    backoff_base_s: float = 0.25
+    backoff_cap_s: float = 30.0
+    #: A ``sending`` claim older than this counts as abandoned (must exceed the sender's connect + read timeout).
+    send_timeout_s: float = 20.0
+    #: The scheduler takes over a 429 retry only this long after the inline waiter should have retried.
+    takeover_grace_s: float = 5.0
+    #: How long a dispatch waits for someone else's in-flight send before reporting "not settled".
+    inflight_wait_s: float = 25.0
+    scheduler_interval_s: float = 0.25
+    scheduler_batch: int = 200
+    scheduler_concurrency: int = 32
+
+    @property
+    def ttl_s(self) -> float:
+        return self.retention_days * 86400.0
+
+
+class AckResult(enum.StrEnum):
+    ACKED = "acked"
+    ALREADY = "already_acked"
+    UNKNOWN_CODE = "unknown_code"
+    NOT_RECIPIENT = "not_recipient"
+
+
+class Dispatcher:
+    """Routes, dedupes, rate-limits and sends alerts; see the module docstring for the guarantees.
+
+    :param redis: a ``redis.asyncio.Redis`` client (either ``decode_responses`` setting).
+    :param sender: an :class:`~alerting.sms.SmsSender` (Twilio or dry run).
+    :param routing: the validated :class:`~alerting.routing.Routing`.
+    :param config: :class:`DispatchConfig`.
+    :param limiter: per-number send-rate bound; default 1 SMS/s per number, burst 5.
+    :param clock: epoch seconds (injectable for tests of quiet hours, escalation and staleness).
+    """
+
+    def __init__(
+        self,
+        redis: aredis.Redis,
+        sender: SmsSender,
+        routing: Routing,
+        *,
+        config: DispatchConfig | None = None,
+        limiter: SendRateLimiter | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config or DispatchConfig()
+        self.ledger = Ledger(redis, ttl_s=self.config.ttl_s)
+        self.sender = sender
+        self.routing = routing
+        self.limiter = limiter or SendRateLimiter()
+        self._clock = clock
+        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+        self._due_busy: set[str] = set()
+        self._rng = random.Random()
+
+    # ---- the entry point of both inputs -------------------------------------------------------------------
+
+    async def dispatch(self, anomaly: Mapping[str, Any]) -> bool:
+        """Handle one anomaly (a dict as in CONTRACT.md section 3); True when settled.
+
+        Raises :class:`~alerting.errors.InvalidAnomaly` for a payload that is not an anomaly (never retry it),
+        and Redis errors as they come (retry later).
+        """
+        try:
+            model = Anomaly.model_validate(anomaly)
+        except pydantic.ValidationError as exc:
+            raise InvalidAnomaly(f"not a contract anomaly: {exc.error_count()} error(s)") from exc
+        alert_id = model.alert_id
+        resend = anomaly.get("replayed") is True and anomaly.get("resend") is True
+        tag = f"r{anomaly.get('replay_id') or ''}" if resend else ""
+        async with self._alert_lock(f"{alert_id}|{tag}"):
+            return await self._dispatch(anomaly, model, tag, resend)
+
+    async def _dispatch(self, anomaly: Mapping[str, Any], model: Anomaly, tag: str, resend: bool) -> bool:
+        cfg = self.config
+        alert_id = model.alert_id
+        now = self._clock()
+        anomaly_json = orjson.dumps(dict(anomaly)).decode()
+        first_time = True  # whether this call made the decision (so counters count each alert once)
+        if resend:
+            # An operator asked for it again: no folding or throttling, no escalation; its own ledger tag.
+            await self.ledger.store_anomaly(alert_id, anomaly_json)
+        else:
+            metric = model.explanation[0].metric if model.explanation else "_score"
+            decision = await self.ledger.decide(
+                anomaly_json,
+                alert_id=alert_id,
+                site=model.site,
+                sensor_id=model.sensor_id,
+                metric=metric,
+                ts_ms=model.ts_ms,
+                severity_rank=SEVERITY_RANK[model.severity],
+                fold_window_ms=int(cfg.fold_window_s * 1000),
+                throttle_max=cfg.throttle_max,
+                throttle_window_ms=int(cfg.throttle_window_s * 1000),
+                summary_due_floor_ms=int((now + cfg.fold_settle_s) * 1000),
+            )
+            first_time = decision.new
+            if decision.kind == "folded":
+                if decision.new:
+                    metrics.ALERTS_FOLDED.inc()
+                    logger.info("alert %s folded into %s", alert_id, decision.lead)
+                return True
+            if decision.kind == "throttled":
+                if decision.new:
+                    metrics.ALERTS_THROTTLED.inc()
+                    logger.warning("alert %s throttled: sensor %s keeps firing", alert_id, model.sensor_id)
+                return True
+
+        plan = self.routing.plan(model.site, model.severity, now)
+        if not plan.routed:
+            if first_time:
+                metrics.ALERTS_UNROUTED.inc()
+                logger.warning(
+                    "alert %s (site %s, %s) matched no route", alert_id, model.site, model.severity
+                )
+            return True
+
+        if not resend:
+            for esc in plan.escalations:
+                spec = {
+                    "phones": list(esc.phones),
+                    "qh": esc.quiet_hours.to_json() if esc.quiet_hours else None,
+                }
+                await self.ledger.plan_escalation(alert_id, esc.route, spec, int(esc.due * 1000))
+
+        body = format_body(anomaly, code=ack_code(alert_id), resend=resend)
+        results = await asyncio.gather(
+            *(
+                self._deliver(alert_id, tag, phone, due, body, model.ts_ms, observe_latency=True)
+                for phone, due in plan.phones.items()
+            )
+        )
+        return all(results)
+
+    # ---- one SMS ------------------------------------------------------------------------------------------
+
+    async def _deliver(
+        self,
+        alert_id: str,
+        tag: str,
+        phone: str,
+        due: float | None,
+        body: str,
+        ts_ms: int,
+        *,
+        observe_latency: bool,
+    ) -> bool:
+        field = phone_field(tag, phone)
+        existing = await self.ledger.get(alert_id, field)
+        if existing is not None:
+            return await self._settle_existing(alert_id, field, existing)
+        now = self._clock()
+        base = {"body": body, "ts": ts_ms, "n": 0}
+        if due is not None and due > now:
+            due_ms = int(due * 1000)
+            ok, cur = await self.ledger.cas(
+                alert_id,
+                field,
+                {**base, "s": "deferred", "t": _ms(now), "due": due_ms, "why": "quiet_hours"},
+                allowed=("",),
+                now_ms=_ms(now),
+                schedule=(send_member(alert_id, tag, phone), due_ms),
+            )
+            if ok:
+                metrics.ALERTS_DEFERRED.labels("quiet_hours").inc()
+                logger.info(
+                    "alert %s to %s deferred by quiet hours until %.0f", alert_id, mask_phone(phone), due
+                )
+                return True
+            return await self._settle_existing(alert_id, field, cur)
+
+        await self.limiter.acquire(phone)
+        now = self._clock()
+        ok, cur = await self.ledger.cas(
+            alert_id,
+            field,
+            {**base, "s": "sending", "t": _ms(now), "due": _ms(now + self.config.send_timeout_s)},
+            allowed=("",),
+            now_ms=_ms(now),
+        )
+        if not ok:
+            return await self._settle_existing(alert_id, field, cur)
+        return await self._send_loop(alert_id, tag, phone, base, observe_latency=observe_latency)
+
+    async def _send_loop(
+        self,
+        alert_id: str,
+        tag: str,
+        phone: str,
+        base: dict[str, Any],
+        *,
+        observe_latency: bool,
+        member: str | None = None,
+    ) -> bool:
+        """Send a record we hold in ``sending``; retry 429s; write the final outcome. Always returns settled."""
+        cfg = self.config
+        field = phone_field(tag, phone)
+        attempts = int(base.get("n", 0))
+        body, ts_ms = str(base["body"]), int(base["ts"])
+        member = member or send_member(alert_id, tag, phone)
+        while True:
+            attempts += 1
+            result = await self.sender.send(phone, body)
+            now = self._clock()
+            rec: dict[str, Any] = {"body": body, "ts": ts_ms, "n": attempts, "t": _ms(now)}
+            if result.outcome is not Outcome.RETRYABLE:
+                await self._final(alert_id, field, phone, rec, result, member, now, observe_latency)
+                return True
+
+            metrics.SMS_RETRIES.labels(result.reason.split(":", 1)[0]).inc()
+            wait = self._backoff(attempts, result.retry_after)
+            due_ms = _ms(now + wait)
+            inline = attempts < cfg.max_inline_attempts and wait <= cfg.max_inline_wait_s
+            # Written before waiting, so a crash here leaves a durable retry, not a lost SMS.
+            takeover_ms = due_ms + int(cfg.takeover_grace_s * 1000) if inline else due_ms
+            await self.ledger.put(
+                alert_id,
+                field,
+                {**rec, "s": "retry_wait", "due": due_ms, "why": result.reason},
+                schedule=(member, takeover_ms),
+            )
+            if not inline:
+                metrics.ALERTS_DEFERRED.labels("retry").inc()
+                logger.warning(
+                    "alert %s to %s: %s, retry in %.1fs by the scheduler (attempt %d)",
+                    alert_id,
+                    mask_phone(phone),
+                    result.reason,
+                    wait,
+                    attempts,
+                )
+                return True
+            logger.info(
+                "alert %s to %s: %s, retrying in %.2fs", alert_id, mask_phone(phone), result.reason, wait
+            )
+            await asyncio.sleep(wait)
+            await self.limiter.acquire(phone)
+            now = self._clock()
+            ok, cur = await self.ledger.cas(
+                alert_id,
+                field,
+                {**rec, "s": "sending", "t": _ms(now), "due": _ms(now + cfg.send_timeout_s)},
+                allowed=("retry_wait",),
+                now_ms=_ms(now),
+            )
+            if not ok:  # the scheduler took it over (we were too slow): it owns the outcome now
+                return await self._settle_existing(alert_id, field, cur)
+
+    async def _final(
+        self,
+        alert_id: str,
+        field: str,
+        phone: str,
+        rec: dict[str, Any],
+        result: SendResult,
+        member: str,
+        now: float,
+        observe_latency: bool,
+    ) -> None:
+        outcome = result.outcome.value
+        rec = {**rec, "s": outcome}
+        if result.sid:
+            rec["sid"] = result.sid
+        if result.reason:
+            rec["why"] = result.reason
+        if result.code is not None:
+            rec["code"] = result.code
+        await self.ledger.put(alert_id, field, rec, unschedule=member)
+        metrics.SMS_TOTAL.labels(outcome).inc()
+        if result.outcome in (Outcome.ACCEPTED, Outcome.DRY_RUN):
+            if observe_latency:
+                metrics.ALERT_LATENCY.observe(max(0.0, now - int(rec["ts"]) / 1000.0))
+            logger.info("alert %s to %s: %s", alert_id, mask_phone(phone), outcome)
+        elif result.outcome is Outcome.UNKNOWN:
+            metrics.SMS_UNKNOWN.labels(result.reason.split(":", 1)[0]).inc()
+            logger.error(
+                "alert %s to %s: outcome UNKNOWN (%s); Twilio may have sent it; not resending",
+                alert_id,
+                mask_phone(phone),
+                result.reason,
+            )
+        else:
+            logger.error(
+                "alert %s to %s: rejected (%s, Twilio code %s)",
+                alert_id,
+                mask_phone(phone),
+                result.reason,
+                result.code,
+            )
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        cfg = self.config
+        # Jitter spreads the retries of a burst that was refused together.
+        exp: float = min(cfg.backoff_cap_s, cfg.backoff_base_s * 2.0 ** (attempt - 1)) * self._rng.uniform(
+            0.5, 1.0
+        )
+        return max(retry_after, exp) if retry_after is not None else exp
+
+    async def _settle_existing(self, alert_id: str, field: str, rec: dict[str, Any] | None) -> bool:
+        """Someone else handled or holds this (alert, phone): settled once it is final or durably deferred."""
+        deadline = time.monotonic() + self.config.inflight_wait_s
+        delay = 0.005
+        while True:
+            if rec is None:
+                return False  # vanished (expired): nothing we may safely do; let the input retry
+            state = rec.get("s")
+            if state in FINAL_STATES or state in DURABLE_STATES:
+                return True
+            now = self._clock()
+            if state == "sending" and int(rec.get("due", 0)) <= _ms(now):
+                return await self._abandoned(alert_id, field, rec, now)
+            if time.monotonic() >= deadline:
+                logger.info("alert %s %s still in flight elsewhere; not settled yet", alert_id, field)
+                return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.25)
+            rec = await self.ledger.get(alert_id, field)
+
+    async def _abandoned(self, alert_id: str, field: str, rec: dict[str, Any], now: float) -> bool:
+        """A claim whose sender vanished mid-send (crash, kill): the SMS may have gone out. Record unknown."""
+        new = {**rec, "s": "unknown", "why": "stale_claim", "t": _ms(now)}
+        ok, cur = await self.ledger.cas(alert_id, field, new, allowed=("sending",), now_ms=_ms(now))
+        if ok:
+            metrics.SMS_TOTAL.labels("unknown").inc()
+            metrics.SMS_UNKNOWN.labels("stale_claim").inc()
+            phone = field.rsplit(":", 1)[-1]
+            logger.error(
+                "alert %s to %s: claimed but never finished (sender crashed?); outcome UNKNOWN, not resending",
+                alert_id,
+                mask_phone(phone),
+            )
+            return True
+        return await self._settle_existing(alert_id, field, cur)
+
+    @contextlib.asynccontextmanager
+    async def _alert_lock(self, key: str) -> AsyncIterator[None]:
+        # Serialises the two inputs of one process on the same alert, so the second simply finds the outcome.
+        entry = self._locks.get(key)
+        if entry is None:
+            entry = self._locks[key] = (asyncio.Lock(), [0])
+        entry[1][0] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1][0] -= 1
+            if entry[1][0] == 0:
+                del self._locks[key]
+
+    # ---- durable background work --------------------------------------------------------------------------
+
+    async def run_scheduler(self, stop: asyncio.Event) -> None:
+        """Poll due work until ``stop`` is set; errors are logged and the loop carries on."""
+        while not stop.is_set():
+            try:
+                n = await self.run_due_once()
+            except Exception:
+                logger.exception("alert scheduler pass failed; retrying")
+                n = 0
+            if n == 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.config.scheduler_interval_s)
+
+    async def run_due_once(self) -> int:
+        """Process every due item once (bounded concurrency); returns how many were looked at."""
+        members = [
+            m
+            for m in await self.ledger.due(_ms(self._clock()), self.config.scheduler_batch)
+            if m not in self._due_busy
+        ]
+        if not members:
+            return 0
+        sem = asyncio.Semaphore(self.config.scheduler_concurrency)
+
+        async def one(member: str) -> None:
+            async with sem:
+                self._due_busy.add(member)
+                try:
+                    if await self._process_due(member):
+                        await self.ledger.unschedule(member)
+                except Exception:
+                    logger.exception("due item %s failed; it stays scheduled", member.split("|", 2)[:2])
+                finally:
+                    self._due_busy.discard(member)
+
+        await asyncio.gather(*(one(m) for m in members))
+        return len(members)
+
+    async def _process_due(self, member: str) -> bool:
+        kind, _, rest = member.partition("|")
+        if kind == "send":
+            alert_id, tag, phone = rest.split("|", 2)
+            return await self._due_send(alert_id, tag, phone, member)
+        if kind == "esc":
+            alert_id, route = rest.rsplit("|", 1)
+            return await self._due_escalation(alert_id, int(route))
+        if kind == "fold":
+            lead, gen = rest.rsplit("|", 1)
+            return await self._due_fold(lead, int(gen))
+        logger.error("unknown due item kind %r: dropped", kind)
+        return True
+
+    async def _due_send(self, alert_id: str, tag: str, phone: str, member: str) -> bool:
+        field = phone_field(tag, phone)
+        rec = await self.ledger.get(alert_id, field)
+        if rec is None or rec.get("s") in FINAL_STATES:
+            return True
+        state = rec.get("s")
+        if state == "sending":
+            return await self._settle_existing(alert_id, field, rec)
+        now = self._clock()
+        if state not in DURABLE_STATES:
+            return True
+        if int(rec.get("due", 0)) > _ms(now):
+            return False  # not yet (rescheduled by its owner); keep the item
+        fields = await self.ledger.alert(alert_id)
+        if "ack" in fields and state == "deferred":
+            ok, cur = await self.ledger.cas(
+                alert_id,
+                field,
+                {**rec, "s": "cancelled", "why": "acknowledged", "t": _ms(now)},
+                allowed=(state,),
+                now_ms=_ms(now),
+                unschedule=member,
+            )
+            return True if ok else await self._settle_existing(alert_id, field, cur)
+        await self.limiter.acquire(phone)
+        now = self._clock()
+        ok, cur = await self.ledger.cas(
+            alert_id,
+            field,
+            {**rec, "s": "sending", "t": _ms(now), "due": _ms(now + self.config.send_timeout_s)},
+            allowed=(state,),
+            now_ms=_ms(now),
+        )
+        if not ok:
+            return await self._settle_existing(alert_id, field, cur)
+        return await self._send_loop(alert_id, tag, phone, rec, observe_latency=False, member=member)
+
+    async def _due_escalation(self, alert_id: str, route: int) -> bool:
+        fields = await self.ledger.alert(alert_id)
+        if "ack" in fields:
+            return True
+        spec, anomaly = loads(fields.get(f"e:{route}")), loads(fields.get("a"))
+        if spec is None or anomaly is None:
+            logger.warning("escalation of %s (route %d) has no data left; dropped", alert_id, route)
+            return True
+        now = self._clock()
+        due: float | None = None
+        if spec.get("qh") and anomaly.get("severity") != "critical":
+            until = QuietHours.from_json(spec["qh"]).until(_utc(now))
+            due = until.timestamp() if until else None
+        body = format_body(anomaly, code=ack_code(alert_id), escalated=True)
+        results = await asyncio.gather(
+            *(
+                self._deliver(alert_id, "", p, due, body, int(anomaly["ts_ms"]), observe_latency=False)
+                for p in spec["phones"]
+            )
+        )
+        if all(results):
+            metrics.ESCALATIONS.inc()
+            logger.warning("alert %s unacknowledged: escalated to %d phone(s)", alert_id, len(spec["phones"]))
+        return all(results)
+
+    async def _due_fold(self, lead: str, gen: int) -> bool:
+        count, last_id = await self.ledger.fold_summary(lead, gen)
+        if count <= 0:
+            return True
+        fields = await self.ledger.alert(lead)
+        lead_anomaly = loads(fields.get("a"))
+        if lead_anomaly is None or "ack" in fields:
+            return True  # expired, or an operator is already on it
+        latest = loads((await self.ledger.alert(last_id)).get("a")) if last_id else None
+        shown = {**(latest or lead_anomaly), "severity": lead_anomaly["severity"]}
+        now = self._clock()
+        plan = self.routing.plan(str(lead_anomaly["site"]), str(lead_anomaly["severity"]), now)
+        body = format_body(shown, code=ack_code(lead), alert_id=last_id or lead, folded=count)
+        results = await asyncio.gather(
+            *(
+                self._deliver(lead, f"f{gen}", p, d, body, int(shown["ts_ms"]), observe_latency=False)
+                for p, d in plan.phones.items()
+            )
+        )
+        return all(results)
+
+    # ---- acknowledgements ---------------------------------------------------------------------------------
+
+    async def acknowledge(self, code: str, phone: str) -> tuple[AckResult, str | None]:
+        """Acknowledge the alert named by ``code`` (short code or alert_id) on behalf of ``phone``.
+
+        Only a recipient of the alert may acknowledge it. Stops its escalations (and those of the lead it was
+        folded into). Returns the result and the alert_id.
+        """
+        alert_id = code if ":" in code else await self.ledger.resolve_code(code)
+        if not alert_id:
+            return AckResult.UNKNOWN_CODE, None
+        fields = await self.ledger.alert(alert_id)
+        if not fields:
+            return AckResult.UNKNOWN_CODE, None
+        recipients = {k.rsplit(":", 1)[-1] for k in fields if k.startswith("p:")}
+        for k, v in fields.items():
+            if k.startswith("e:"):
+                spec = loads(v) or {}
+                recipients.update(spec.get("phones", []))
+        if phone not in recipients:
+            return AckResult.NOT_RECIPIENT, alert_id
+        targets = [alert_id]
+        decision = fields.get("d", "")
+        if decision.startswith("folded:"):
+            targets.append(decision.split(":", 1)[1])
+        record = {"by": phone, "at": _ms(self._clock())}
+        first = False
+        for target in targets:
+            first = await self.ledger.ack(target, record) or first
+            target_fields = fields if target == alert_id else await self.ledger.alert(target)
+            routes = [int(k[2:]) for k in target_fields if k.startswith("e:")]
+            await self.ledger.unschedule(*(esc_member(target, r) for r in routes))
+        if not first:
+            return AckResult.ALREADY, alert_id
+        metrics.ACKS.inc()
+        logger.info("alert %s acknowledged by %s", alert_id, mask_phone(phone))
+        return AckResult.ACKED, alert_id
+
+    async def aclose(self) -> None:
+        await self.sender.aclose()
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+def _utc(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)

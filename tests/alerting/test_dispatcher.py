@@ -1,0 +1,379 @@
+"""The dispatcher against real Redis/Valkey and the real twilio package talking HTTP to the Twilio fake."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections import Counter
+
+import pytest
+import redis.asyncio as aredis
+
+from alerting import metrics
+from alerting.dispatcher import DispatchConfig
+from alerting.errors import InvalidAnomaly
+from alerting.ledger import DUE_KEY, alert_key, phone_field
+from alerting.routing import CONSOLE, Routing, parse_routing
+from alerting.sms import DryRunSender, SendResult, TwilioSender
+from tests.alerting.conftest import (
+    FROM,
+    PHONE_A,
+    PHONE_B,
+    PLAIN,
+    DispatcherFactory,
+    FakeClock,
+    anomaly,
+)
+from tests.fakes.twilio_fake import Faults, TwilioFake
+
+
+def _count(counter: object, *labels: str) -> float:
+    c = counter.labels(*labels) if labels else counter  # type: ignore[attr-defined]
+    return float(c._value.get())
+
+
+async def test_one_sms_per_phone_when_both_inputs_deliver_at_once(
+    fake: TwilioFake, sender: TwilioSender, routing: Routing, make_dispatcher: DispatcherFactory
+) -> None:
+    d = make_dispatcher(sender, routing)
+    a = anomaly(1)
+    # The Pub/Sub message and the stream entry of the same anomaly, concurrently.
+    assert await asyncio.gather(d.dispatch(a), d.dispatch(dict(a))) == [True, True]
+    assert await d.dispatch(a) is True  # and again later (a redelivery)
+    assert fake.accepted_count("plant-7:s-0042:1", PHONE_A) == 1
+    assert fake.accepted_count("plant-7:s-0042:1", PHONE_B) == 1
+    assert len(fake.accepted) == 2
+    recs = await d.ledger.phone_records("plant-7:s-0042:1")
+    assert {k: v["s"] for k, v in recs.items()} == {
+        phone_field("", PHONE_A): "accepted",
+        phone_field("", PHONE_B): "accepted",
+    }
+    assert all(v["sid"].startswith("SM") for v in recs.values())
+
+
+async def test_two_dispatcher_instances_send_once(
+    fake: TwilioFake, sender: TwilioSender, routing: Routing, make_dispatcher: DispatcherFactory
+) -> None:
+    # Two alerting processes: separate Redis connections, separate senders, separate in-process locks.
+    sender2 = TwilioSender(fake.account_sid, fake.auth_token, FROM, base_url=fake.base_url, read_timeout=0.5)
+    d1 = make_dispatcher(sender, routing)
+    d2 = make_dispatcher(sender2, routing, own_client=True)
+    alerts = [anomaly(i) for i in range(50)]
+    try:
+        results = await asyncio.gather(*(d.dispatch(a) for a in alerts for d in (d1, d2)))
+    finally:
+        await sender2.aclose()
+    assert all(results)
+    per_key = fake.accepted_by_key()
+    assert len(per_key) == 100  # 50 alerts x 2 phones
+    assert set(per_key.values()) == {1}
+
+
+async def test_random_429_500_timeouts_over_1000_alerts(
+    r: aredis.Redis, make_dispatcher: DispatcherFactory
+) -> None:
+    faults = Faults(
+        p429=0.15, p500=0.03, p503=0.03, ptimeout=0.02, preset=0.01, retry_after=0.01, hang_s=1.0, seed=7
+    )
+    routing = parse_routing(f'[[route]]\nsites = ["*"]\nphones = ["{PHONE_A}"]\n')
+    async with TwilioFake(faults=faults) as fake:
+        sender = TwilioSender(
+            fake.account_sid, fake.auth_token, FROM, base_url=fake.base_url, read_timeout=0.3
+        )
+        d = make_dispatcher(
+            sender, routing, config=DispatchConfig(fold_window_s=0, throttle_max=0, backoff_base_s=0.01)
+        )
+        alerts = [anomaly(i, sensor=f"s-{i % 40}") for i in range(1000)]
+        sem = asyncio.Semaphore(100)
+
+        async def one(a: dict[str, object]) -> bool:
+            async with sem:
+                return await d.dispatch(a)
+
+        try:
+            results = await asyncio.gather(*(one(a) for a in alerts))
+        finally:
+            await sender.aclose()
+        assert all(results)
+
+        # Never two accepted SMS for one alert and phone.
+        accepted = fake.accepted_by_key()
+        assert max(accepted.values()) == 1
+        # What each (alert, phone) saw from Twilio, in order.
+        history: dict[str | None, list[str]] = {}
+        for alert_id, _to, what in fake.log:
+            history.setdefault(alert_id, []).append(what)
+        assert len(history) == 1000
+        saw_429 = 0
+        for a in alerts:
+            aid = str(a["alert_id"])
+            seen = history[aid]
+            rec = (await d.ledger.phone_records(aid))[phone_field("", PHONE_A)]
+            # Only 429s are retried; the attempt after the last 429 decides the outcome.
+            assert all(x == "429" for x in seen[:-1]), (aid, seen)
+            last = seen[-1]
+            expected = {
+                "201": "accepted",
+                "500": "unknown",
+                "503": "unknown",
+                "timeout": "unknown",
+                "reset": "unknown",
+            }
+            assert rec["s"] == expected[last], (aid, seen, rec)
+            assert rec["n"] == len(seen)
+            if "429" in seen:
+                saw_429 += 1
+                if last == "201":
+                    assert accepted[(aid, PHONE_A)] == 1
+        assert saw_429 > 100  # the fault mix really exercised retries
+        # Every unknown outcome is recorded, and none of them was resent.
+        unknown = [aid for aid, seen in history.items() if seen[-1] != "201"]
+        assert unknown and all(len([x for x in history[aid] if x != "429"]) == 1 for aid in unknown)
+        assert await r.zcard(DUE_KEY) == 0  # nothing left waiting
+
+
+async def test_every_429_ends_accepted(
+    fake: TwilioFake, sender: TwilioSender, routing: Routing, make_dispatcher: DispatcherFactory
+) -> None:
+    fake.faults.retry_after = 0.02
+    fake.script(["429", "429", "429", "ok"])
+    d = make_dispatcher(
+        sender,
+        parse_routing(f'[[route]]\nsites = ["*"]\nphones = ["{PHONE_A}"]\n'),
+        config=DispatchConfig(fold_window_s=0, throttle_max=0, backoff_base_s=0.01),
+    )
+    before = _count(metrics.SMS_RETRIES, "429")
+    assert await d.dispatch(anomaly(1))
+    rec = (await d.ledger.phone_records("plant-7:s-0042:1"))[phone_field("", PHONE_A)]
+    assert rec["s"] == "accepted" and rec["n"] == 4
+    assert fake.accepted_count("plant-7:s-0042:1", PHONE_A) == 1
+    assert _count(metrics.SMS_RETRIES, "429") - before == 3
+
+
+async def test_long_retry_after_is_deferred_durably_and_sent_by_the_scheduler(
+    fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
+) -> None:
+    clock = FakeClock()
+    fake.faults.retry_after = 120  # longer than we wait inline
+    fake.script(["429"])
+    routing = parse_routing(f'[[route]]\nsites = ["*"]\nphones = ["{PHONE_A}"]\n')
+    d = make_dispatcher(sender, routing, clock=clock)
+    assert await d.dispatch(anomaly(1)) is True  # settled: the retry is durable
+    rec = (await d.ledger.phone_records("plant-7:s-0042:1"))[phone_field("", PHONE_A)]
+    assert rec["s"] == "retry_wait"
+    assert len(fake.accepted) == 0
+
+    clock.advance(60)
+    assert await d.run_due_once() == 0  # Retry-After honoured: not yet
+    clock.advance(61)
+    # A restarted process (new dispatcher) picks the durable retry up.
+    d2 = make_dispatcher(sender, routing, clock=clock)
+    assert await d2.run_due_once() == 1
+    assert fake.accepted_count("plant-7:s-0042:1", PHONE_A) == 1
+    rec = (await d.ledger.phone_records("plant-7:s-0042:1"))[phone_field("", PHONE_A)]
+    assert rec["s"] == "accepted" and rec["n"] == 2
+    assert await d2.run_due_once() == 0
+
+
+async def test_unknown_outcomes_are_recorded_and_never_resent(
+    fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
+) -> None:
+    routing = parse_routing(f'[[route]]\nsites = ["*"]\nphones = ["{PHONE_A}"]\n')
+    d = make_dispatcher(sender, routing)
+    fake.script(["500", "503", "timeout", "reset"])
+    before = _count(metrics.SMS_TOTAL, "unknown")
+    for i in range(4):
+        assert await d.dispatch(anomaly(i))
+    for i in range(4):  # redelivered: nothing resent
+        assert await d.dispatch(anomaly(i))
+    recs = [(await d.ledger.phone_records(f"plant-7:s-0042:{i}"))[phone_field("", PHONE_A)] for i in range(4)]
+    assert [rec["s"] for rec in recs] == ["unknown"] * 4
+    assert [x for x in fake.responses] == ["500", "503", "timeout", "reset"]
+    # The timeout and the reset really went out (the fake accepted them): exactly once each.
+    assert fake.accepted_count("plant-7:s-0042:2", PHONE_A) == 1
+    assert fake.accepted_count("plant-7:s-0042:3", PHONE_A) == 1
+    assert _count(metrics.SMS_TOTAL, "unknown") - before == 4
+
+
+async def test_rejected_number_is_final(
+    fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
+) -> None:
+    routing = parse_routing('[[route]]\nsites = ["*"]\nphones = ["+15005550001", "+15551230001"]\n')
+    d = make_dispatcher(sender, routing)
+    assert await d.dispatch(anomaly(1))
+    recs = await d.ledger.phone_records("plant-7:s-0042:1")
+    assert recs[phone_field("", "+15005550001")]["s"] == "rejected"
+    assert recs[phone_field("", "+15005550001")]["code"] == 21211
+    assert recs[phone_field("", "+15551230001")]["s"] == "accepted"
+
+
+class _Hang:
+    """A sender whose request never returns (the process will die mid-send)."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+
+    async def send(self, to: str, body: str) -> SendResult:
+        self.started.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_crash_after_claim_is_unknown_and_not_resent(
+    fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
+) -> None:
+    clock = FakeClock()
+    routing = parse_routing(f'[[route]]\nsites = ["*"]\nphones = ["{PHONE_A}"]\n')
+    hang = _Hang()
+    dying = make_dispatcher(hang, routing, clock=clock)
+    task = asyncio.create_task(dying.dispatch(anomaly(1)))
+    await asyncio.wait_for(hang.started.wait(), 5)
+    task.cancel()  # the process is gone with the request in flight
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    rec = (await dying.ledger.phone_records("plant-7:s-0042:1"))[phone_field("", PHONE_A)]
+    assert rec["s"] == "sending"
+
+    # A restarted process gets the stream entry again.
+    restarted = make_dispatcher(sender, routing, clock=clock, own_client=True)
+    clock.advance(PLAIN.send_timeout_s + 1)
+    before = _count(metrics.SMS_UNKNOWN, "stale_claim")
+    assert await restarted.dispatch(anomaly(1)) is True
+    rec = (await restarted.ledger.phone_records("plant-7:s-0042:1"))[phone_field("", PHONE_A)]
+    assert rec["s"] == "unknown" and rec["why"] == "stale_claim"
+    assert fake.responses == []  # never resent
+    assert _count(metrics.SMS_UNKNOWN, "stale_claim") - before == 1
+
+
+async def test_fresh_claim_elsewhere_is_waited_for_not_duplicated(
+    fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
+) -> None:
+    routing = parse_routing(f'[[route]]\nsites = ["*"]\nphones = ["{PHONE_A}"]\n')
+    hang = _Hang()
+    holder = make_dispatcher(hang, routing)
+    task = asyncio.create_task(holder.dispatch(anomaly(1)))
+    await asyncio.wait_for(hang.started.wait(), 5)
+    other = make_dispatcher(
+        sender,
+        routing,
+        config=DispatchConfig(fold_window_s=0, throttle_max=0, inflight_wait_s=0.2),
+        own_client=True,
+    )
+    # Still in flight in another process and not stale: not settled (the stream entry stays pending).
+    assert await other.dispatch(anomaly(1)) is False
+    assert fake.responses == []
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_replayed_alerts_are_not_resent_unless_asked(
+    fake: TwilioFake, sender: TwilioSender, routing: Routing, make_dispatcher: DispatcherFactory
+) -> None:
+    d = make_dispatcher(sender, routing)
+    assert await d.dispatch(anomaly(1))
+    assert await d.dispatch(anomaly(1, replayed=True))
+    assert len(fake.accepted) == 2  # one per phone, nothing new
+    replay = anomaly(1, replayed=True, resend=True, replay_id="op-1")
+    assert all(await asyncio.gather(d.dispatch(replay), d.dispatch(dict(replay))))
+    assert fake.accepted_count("plant-7:s-0042:1", PHONE_A) == 2
+    assert fake.accepted_count("plant-7:s-0042:1", PHONE_B) == 2
+    assert "RESENT" in fake.accepted[-1].body
+    # The same resend delivered again (stream after Pub/Sub) goes nowhere.
+    assert await d.dispatch(replay)
+    assert len(fake.accepted) == 4
+
+
+async def test_folding_and_throttling(
+    fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
+) -> None:
+    clock = FakeClock()
+    routing = parse_routing(f'[[route]]\nsites = ["*"]\nphones = ["{PHONE_A}"]\n')
+    cfg = DispatchConfig(fold_window_s=600, fold_settle_s=30, throttle_max=2, throttle_window_s=3600)
+    d = make_dispatcher(sender, routing, config=cfg, clock=clock)
+    folded_before = _count(metrics.ALERTS_FOLDED)
+    # Five pH anomalies within ten minutes (reading time): one SMS now, the rest folded.
+    for i in range(5):
+        assert await d.dispatch(anomaly(i, ts_ms=1_767_312_000_000 + i * 60_000, value=4.0 - i / 10))
+    assert len(fake.accepted) == 1
+    assert _count(metrics.ALERTS_FOLDED) - folded_before == 4
+    assert (await d.ledger.alert("plant-7:s-0042:3"))["d"] == "folded:plant-7:s-0042:0"
+    # Dispatching a folded one again changes nothing and is not counted twice.
+    assert await d.dispatch(anomaly(3, ts_ms=1_767_312_000_000 + 3 * 60_000))
+    assert _count(metrics.ALERTS_FOLDED) - folded_before == 4
+
+    # The summary goes when the fold window ends: one SMS with the count, naming the latest alert.
+    clock.advance(601)
+    assert await d.run_due_once() == 1
+    assert len(fake.accepted) == 2
+    summary = fake.accepted[-1].body
+    assert "+4 more" in summary and "id plant-7:s-0042:4" in summary and "pH low (3.6)" in summary
+    assert await d.run_due_once() == 0
+
+    # Another metric of the same sensor is a new lead; the third lead within the hour is throttled.
+    assert await d.dispatch(anomaly(10, metric="chlorine_mg_l", direction="high", value=3.0))
+    assert len(fake.accepted) == 3
+    thr_before = _count(metrics.ALERTS_THROTTLED)
+    assert await d.dispatch(anomaly(11, metric="flow_m3_h", direction="high", value=99.0))
+    assert len(fake.accepted) == 3
+    assert _count(metrics.ALERTS_THROTTLED) - thr_before == 1
+    assert (await d.ledger.alert("plant-7:s-0042:11"))["d"] == "throttled"
+
+    # A critical anomaly is neither folded into a warning lead nor throttled by the warnings' budget.
+    assert await d.dispatch(anomaly(12, severity="critical", ts_ms=1_767_312_000_000 + 5 * 60_000))
+    assert "CRITICAL" in fake.accepted[-1].body
+
+
+async def test_unrouted_alerts_are_counted(
+    fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
+) -> None:
+    routing = parse_routing(f'[[route]]\nsites = ["reservoir-*"]\nphones = ["{PHONE_A}"]\n')
+    d = make_dispatcher(sender, routing)
+    before = _count(metrics.ALERTS_UNROUTED)
+    assert await d.dispatch(anomaly(1))
+    assert await d.dispatch(anomaly(1))
+    assert _count(metrics.ALERTS_UNROUTED) - before == 1
+    assert fake.responses == []
+
+
+async def test_invalid_payload_raises(
+    sender: TwilioSender, routing: Routing, make_dispatcher: DispatcherFactory
+) -> None:
+    d = make_dispatcher(sender, routing)
+    bad = anomaly(1)
+    bad["severity"] = "meh"
+    with pytest.raises(InvalidAnomaly):
+        await d.dispatch(bad)
+
+
+async def test_dry_run_prints_masked_and_records(make_dispatcher: DispatcherFactory) -> None:
+    out = io.StringIO()
+    dry = DryRunSender(out)
+    d = make_dispatcher(dry, Routing.console())
+    before = _count(metrics.SMS_TOTAL, "dry_run")
+    assert await asyncio.gather(d.dispatch(anomaly(1)), d.dispatch(anomaly(1))) == [True, True]
+    assert dry.sent == Counter({CONSOLE: 1})
+    assert "id plant-7:s-0042:1" in out.getvalue()
+    assert (await d.ledger.phone_records("plant-7:s-0042:1"))[phone_field("", CONSOLE)]["s"] == "dry_run"
+    assert _count(metrics.SMS_TOTAL, "dry_run") - before == 1
+
+    masked = io.StringIO()
+    d2 = make_dispatcher(
+        DryRunSender(masked), parse_routing(f'[[route]]\nsites = ["*"]\nphones = ["{PHONE_A}"]\n')
+    )
+    assert await d2.dispatch(anomaly(2))
+    assert PHONE_A not in masked.getvalue() and "+1555***0001" in masked.getvalue()
+
+
+async def test_ledger_records_expire_with_retention(
+    r: aredis.Redis, sender: TwilioSender, routing: Routing, make_dispatcher: DispatcherFactory
+) -> None:
+    d = make_dispatcher(
+        sender, routing, config=DispatchConfig(retention_days=2, fold_window_s=0, throttle_max=0)
+    )
+    assert await d.dispatch(anomaly(1))
+    ttl = await r.ttl(alert_key("plant-7:s-0042:1"))
+    assert 2 * 86400 - 60 < ttl <= 2 * 86400

@@ -43,6 +43,8 @@ __all__ = [
     "PublishedReading",
     "Publisher",
     "batch_topic",
+    "encode_batch",
+    "encode_reading",
     "single_topic",
 ]
 
@@ -66,6 +68,21 @@ def single_topic(site: str, sensor_id: str) -> str:
 def batch_topic(site: str, gateway_id: str) -> str:
     """``wd/{site}/{gateway_id}/batch`` (CONTRACT.md section 2)."""
     return f"wd/{site}/{gateway_id}/batch"
+
+
+def encode_reading(reading: LabelledReading) -> tuple[str, bytes]:
+    """Topic and JSON payload of one reading on its single-reading topic (the label stays out)."""
+    return f"wd/{reading.site}/{reading.sensor_id}/telemetry", orjson.dumps(reading.payload())
+
+
+def encode_batch(site: str, gateway_id: str, readings: Sequence[LabelledReading]) -> tuple[str, bytes]:
+    """Topic and JSON payload of a gateway batch; every reading must belong to ``site``."""
+    if not 1 <= len(readings) <= MAX_BATCH:
+        raise ValueError(f"a batch holds 1 to {MAX_BATCH} readings")
+    return (
+        f"wd/{site}/{gateway_id}/batch",
+        orjson.dumps({"gateway_id": gateway_id, "readings": [r.payload() for r in readings]}),
+    )
 
 
 class PublishedReading(NamedTuple):
@@ -362,9 +379,9 @@ class Publisher:
         """
         sent = 0
         if self.batch == 1:
-            dumps = orjson.dumps
             for r in readings:
-                if not self._send(f"wd/{r.site}/{r.sensor_id}/telemetry", dumps(r.payload()), (r,), stop):
+                topic, payload = encode_reading(r)
+                if not self._send(topic, payload, (r,), stop):
                     break
                 sent += 1
             return sent
@@ -469,9 +486,8 @@ class Publisher:
     def _send_batch(self, key: tuple[str, str], stop: threading.Event | None) -> bool:
         readings = self._buffers.pop(key)
         del self._buffer_since[key]
-        site, gateway = key
-        payload = orjson.dumps({"gateway_id": gateway, "readings": [r.payload() for r in readings]})
-        return self._send(f"wd/{site}/{gateway}/batch", payload, readings, stop)
+        topic, payload = encode_batch(key[0], key[1], readings)
+        return self._send(topic, payload, readings, stop)
 
     def _send(
         self, topic: str, payload: bytes, readings: Sequence[LabelledReading], stop: threading.Event | None

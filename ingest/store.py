@@ -1,0 +1,380 @@
+"""Write accepted readings to ``wd:readings:v1`` exactly once, and refused ones to ``wd:quarantine:v1``.
+
+Exactly once across processes and restarts: the broker redelivers a QoS 1 message whose PUBACK it did not get, and
+a gateway may resend. ``(site, sensor_id, seq)`` identifies a reading, so one Lua script, per group of messages,
+checks and marks each reading in a per-sensor dedupe state and XADDs each message's *new* readings as one entry,
+in one atomic step: a crash leaves either the marks and the entry, or neither.
+
+Per-sensor state (one string key ``wd:_seen:{site}:sensor_id``; the site is a hash tag so a future Cluster keeps a
+site's keys in one slot): the first 20 bytes hold the high-water mark (highest seq seen) as zero-padded decimal,
+then a ring of :data:`SEEN_WINDOW` bits, bit ``seq mod W`` set when that seq was stored. Seqs are compared as
+zero-padded strings and subtracted in two 10-digit halves, because Lua numbers are doubles and ``seq`` goes to
+2^63-1. A reading is
+
+* new if above the high-water mark, or within the window below it with its bit clear: stored and marked;
+* a duplicate if its bit is set (or it equals the mark): dropped and counted;
+* ``stale_seq`` if it is ``W`` or more below the mark: the ring no longer says whether it was stored. It is
+  quarantined (never silently dropped, never stored twice): the operator can replay it. This happens when a sensor
+  resets its counter, or when a message sat unacknowledged in a dead ingest's session while the sensor moved on by
+  more than ``W`` readings. ``W`` = 4096 keeps that rare at 512 bytes per sensor.
+
+The state expires :data:`SEEN_TTL_MS` after the sensor's last stored reading. That is safe: a reading older than 7
+days is refused for clock skew before it gets here, so any reading that could still be accepted has its sensor's
+state alive. Changing ``W`` changes bit positions: it needs new keys (bump the prefix), never an in-place change.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import orjson
+import redis.asyncio as aredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from handoff import keys
+from ingest.validate import QUARANTINE_RAW_BYTES, Reading, Reason
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SEEN_TTL_MS",
+    "SEEN_WINDOW",
+    "MessageWrite",
+    "Quarantine",
+    "ReadingStore",
+    "StoreError",
+    "seen_key",
+]
+
+SEEN_WINDOW: Final = 4096  # bits per sensor; a multiple of 8
+SEEN_TTL_MS: Final = 8 * 24 * 3600 * 1000  # the 7-day clock window plus a day
+#: Upper bound on readings per script call: a script blocks the server while it runs (~1-2 us per reading).
+MAX_READINGS_PER_CALL: Final = 2000
+QUARANTINE_MAXLEN: Final = 100_000
+
+# The shebang matters: a script declared with it (and without allow-oom) is refused as a whole when the server is
+# over maxmemory, instead of failing half-way through; a half-run script could mark readings it never stored.
+_INGEST_LUA: Final = r"""#!lua
+local W = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local field = ARGV[3]
+local BASE = 160 -- the ring starts after the 20-byte high-water mark
+local hw, dirty, touched = {}, {}, {}
+
+local function gap(a, b) -- a > b, both 20-digit strings: a - b, exact below 1e10, huge past it
+  local dh = tonumber(string.sub(a, 1, 10)) - tonumber(string.sub(b, 1, 10))
+  if dh > 1 then return 1e18 end
+  return dh * 1e10 + tonumber(string.sub(a, 11, 20)) - tonumber(string.sub(b, 11, 20))
+end
+
+local function clear_span(key, p, n) -- clear ring bits p .. p+n-1 (no wrap)
+  local bit = BASE + p
+  while n > 0 and bit % 8 ~= 0 do
+    redis.call('SETBIT', key, bit, 0); bit = bit + 1; n = n - 1
+  end
+  local bytes = math.floor(n / 8)
+  if bytes > 0 then
+    redis.call('SETRANGE', key, bit / 8, string.rep('\0', bytes))
+    bit = bit + bytes * 8; n = n - bytes * 8
+  end
+  while n > 0 do
+    redis.call('SETBIT', key, bit, 0); bit = bit + 1; n = n - 1
+  end
+end
+
+local function clear_ring(key, p, n)
+  if n <= 0 then return end
+  if p + n <= W then clear_span(key, p, n)
+  else clear_span(key, p, W - p); clear_span(key, 0, n - (W - p)) end
+end
+
+local out = {}
+local i = 5
+for m = 1, tonumber(ARGV[4]) do
+  local n = tonumber(ARGV[i]); i = i + 1
+  local fresh, stale, dups = {}, {}, 0
+  for r = 1, n do
+    local ki, seq, pos, json = tonumber(ARGV[i]), ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
+    i = i + 4
+    local key = KEYS[ki]
+    local h = hw[ki]
+    if h == nil then
+      h = redis.call('GETRANGE', key, 0, 19)
+      if h == '' then h = false end
+      hw[ki] = h
+    end
+    local new = false
+    if not h then
+      new = true; hw[ki] = seq; dirty[ki] = true
+    elseif seq > h then
+      local d = gap(seq, h)
+      if d >= W then clear_span(key, 0, W) else clear_ring(key, (pos - d + 1) % W, d - 1) end
+      new = true; hw[ki] = seq; dirty[ki] = true
+    elseif seq == h then
+      dups = dups + 1
+    elseif gap(h, seq) >= W then
+      stale[#stale + 1] = r - 1
+    elseif redis.call('GETBIT', key, BASE + pos) == 1 then
+      dups = dups + 1
+    else
+      new = true
+    end
+    if new then
+      redis.call('SETBIT', key, BASE + pos, 1)
+      touched[ki] = true
+      fresh[#fresh + 1] = json
+    end
+  end
+  local id = ''
+  if #fresh > 0 then
+    id = redis.call('XADD', KEYS[1], '*', field, '{"readings":[' .. table.concat(fresh, ',') .. ']}')
+  end
+  out[#out + 1] = id
+  out[#out + 1] = #fresh
+  out[#out + 1] = dups
+  out[#out + 1] = #stale
+  for _, s in ipairs(stale) do out[#out + 1] = s end
+end
+for ki, _ in pairs(dirty) do redis.call('SETRANGE', KEYS[ki], 0, hw[ki]) end
+for ki, _ in pairs(touched) do redis.call('PEXPIRE', KEYS[ki], ttl) end
+return out
+"""
+
+
+class StoreError(Exception):
+    """A write did not complete (Redis unreachable, out of memory, WAITAOF not confirmed): retry later."""
+
+
+def seen_key(site: str, sensor_id: str) -> str:
+    """The dedupe-state key of one sensor; the site is a Cluster hash tag."""
+    return f"{keys.INGEST_SEEN_PREFIX}{{{site}}}:{sensor_id}"
+
+
+@dataclass(slots=True)
+class Quarantine:
+    """One refused message or reading, as it goes to ``wd:quarantine:v1``."""
+
+    reason: Reason
+    detail: str
+    topic: str
+    received_ms: int
+    raw: bytes
+
+    def payload(self) -> bytes:
+        """The contract JSON of this entry."""
+        return orjson.dumps(
+            {
+                "reason": self.reason,
+                "detail": self.detail,
+                "topic": self.topic,
+                "received_ms": self.received_ms,
+                "raw_b64": base64.b64encode(self.raw[:QUARANTINE_RAW_BYTES]).decode("ascii"),
+            }
+        )
+
+
+@dataclass(slots=True)
+class MessageWrite:
+    """The readings of one MQTT message to write, and (after the write) what happened to them."""
+
+    topic: str
+    received_ms: int
+    readings: list[Reading]
+    entry_id: str | None = None
+    stored: int = 0
+    duplicates: int = 0
+    stale: list[Reading] = field(default_factory=list)
+    done: bool = False
+    stale_written: bool = False
+
+
+@dataclass(slots=True)
+class _Call:
+    messages: list[MessageWrite]
+    args: list[Any]
+    done: bool = False
+
+
+class ReadingStore:
+    """Pipelined, idempotent writes of readings (deduplicated) and quarantine entries.
+
+    :meth:`write` may be called again with the same objects after a :class:`StoreError`: what completed is not
+    sent twice, and the readings script is idempotent anyway (a repeat is a duplicate).
+    """
+
+    def __init__(
+        self,
+        redis: aredis.Redis,
+        *,
+        window: int = SEEN_WINDOW,
+        ttl_ms: int = SEEN_TTL_MS,
+        quarantine_maxlen: int = QUARANTINE_MAXLEN,
+        waitaof: bool = False,
+        waitaof_timeout_ms: int = 1000,
+    ) -> None:
+        if window <= 0 or window % 8:
+            raise ValueError("window must be a positive multiple of 8")
+        self.redis = redis
+        self.window = window
+        self.ttl_ms = ttl_ms
+        self.quarantine_maxlen = quarantine_maxlen
+        self.waitaof_wanted = waitaof
+        self.waitaof = False  # decided by prepare(): wanted, and the server can do it
+        self.waitaof_timeout_ms = waitaof_timeout_ms
+        self._sha: str | None = None
+
+    async def prepare(self) -> None:
+        """Load the script and find out whether WAITAOF can be used (Redis 7.2+, Valkey 8, with AOF on)."""
+        self._sha = await self.redis.script_load(_INGEST_LUA)
+        if not self.waitaof_wanted:
+            return
+        try:
+            await self.redis.execute_command("WAITAOF", 1, 0, self.waitaof_timeout_ms)  # type: ignore[no-untyped-call]
+        except ResponseError as exc:
+            logger.warning(
+                "WAITAOF requested but not usable on this server (%s): writes are not fsync-confirmed", exc
+            )
+            self.waitaof = False
+        else:
+            self.waitaof = True
+            logger.info("WAITAOF on: each flush waits for the local AOF fsync before acknowledging")
+
+    async def write(self, messages: Sequence[MessageWrite], quarantine: list[Quarantine]) -> None:
+        """Write every message's new readings and the quarantine entries, pipelined in one round trip.
+
+        Results land in each :class:`MessageWrite`; written entries are removed from ``quarantine``. Readings found
+        ``stale_seq`` are quarantined in a second round trip (rare). Raises :class:`StoreError` when anything is not
+        confirmed; nothing may be acknowledged then, and calling again with the same objects resumes.
+        """
+        if self._sha is None:
+            await self.prepare()
+        for m in messages:
+            if not m.readings:
+                m.done = m.stale_written = True
+        await self._run(self._calls([m for m in messages if not m.done]), quarantine)
+        stale = [m for m in messages if not m.stale_written]
+        stale_q = [self._stale_entry(m, r) for m in stale for r in m.stale]
+        if stale_q:
+            await self._run([], stale_q)
+        for m in stale:
+            m.stale_written = True
+
+    def _stale_entry(self, m: MessageWrite, reading: Reading) -> Quarantine:
+        return Quarantine(
+            "stale_seq",
+            f"seq {reading.seq} of {reading.site}/{reading.sensor_id} is {self.window} or more below the highest "
+            "seq stored for that sensor: cannot tell whether it was stored before",
+            m.topic,
+            m.received_ms,
+            reading.json,
+        )
+
+    def _calls(self, messages: list[MessageWrite]) -> list[_Call]:
+        # One script call per site (a future Cluster shards by site) and at most MAX_READINGS_PER_CALL readings.
+        by_site: dict[str, list[MessageWrite]] = {}
+        for m in messages:
+            by_site.setdefault(m.readings[0].site, []).append(m)
+        calls = []
+        for group in by_site.values():
+            chunk: list[MessageWrite] = []
+            count = 0
+            for m in group:
+                if chunk and count + len(m.readings) > MAX_READINGS_PER_CALL:
+                    calls.append(self._call(chunk))
+                    chunk, count = [], 0
+                chunk.append(m)
+                count += len(m.readings)
+            if chunk:
+                calls.append(self._call(chunk))
+        return calls
+
+    def _call(self, messages: list[MessageWrite]) -> _Call:
+        key_index: dict[tuple[str, str], int] = {}
+        script_keys: list[str] = [keys.READINGS]
+        argv: list[Any] = [self.window, self.ttl_ms, keys.PAYLOAD_FIELD, len(messages)]
+        window = self.window
+        for m in messages:
+            argv.append(len(m.readings))
+            for reading in m.readings:
+                ident = (reading.site, reading.sensor_id)
+                index = key_index.get(ident)
+                if index is None:
+                    script_keys.append(seen_key(*ident))
+                    index = key_index[ident] = len(script_keys)
+                seq = reading.seq
+                argv += (index, f"{seq:020d}", seq % window, reading.json)
+        return _Call(messages, [len(script_keys), *script_keys, *argv])
+
+    async def _run(self, calls: list[_Call], quarantine: list[Quarantine]) -> None:
+        todo = [c for c in calls if not c.done]
+        if not todo and not quarantine:
+            return
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for call in todo:
+                    pipe.execute_command("EVALSHA", self._sha, *call.args)
+                for q in quarantine:
+                    pipe.execute_command(
+                        "XADD",
+                        keys.QUARANTINE,
+                        "MAXLEN",
+                        "~",
+                        self.quarantine_maxlen,
+                        "*",
+                        keys.PAYLOAD_FIELD,
+                        q.payload(),
+                    )
+                if self.waitaof:
+                    pipe.execute_command("WAITAOF", 1, 0, self.waitaof_timeout_ms)
+                results = await pipe.execute(raise_on_error=False)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise StoreError(f"redis write failed: {exc}") from exc
+        failed: list[BaseException] = []
+        for call, result in zip(todo, results[: len(todo)], strict=True):
+            if isinstance(result, NoScriptError):
+                self._sha = None  # the server lost its script cache (restart, SCRIPT FLUSH): load it again
+                failed.append(result)
+            elif isinstance(result, BaseException):
+                failed.append(result)
+            else:
+                self._apply(call, result)
+        q_results = results[len(todo) : len(todo) + len(quarantine)]
+        q_failed = [q for q, res in zip(quarantine, q_results, strict=True) if isinstance(res, BaseException)]
+        failed += [res for res in q_results if isinstance(res, BaseException)]
+        if self.waitaof:
+            confirm = results[-1]
+            if isinstance(confirm, ResponseError):
+                logger.error(
+                    "WAITAOF failed (%s): turning it off, writes are no longer fsync-confirmed", confirm
+                )
+                self.waitaof = False
+            elif isinstance(confirm, BaseException):
+                failed.append(confirm)
+            elif int(confirm[0]) < 1:
+                failed.append(StoreError(f"AOF fsync not confirmed within {self.waitaof_timeout_ms} ms"))
+        if failed:
+            quarantine[:] = q_failed
+            if self._sha is None:
+                self._sha = await self.redis.script_load(_INGEST_LUA)
+            raise StoreError(f"{len(failed)} write(s) failed, first: {failed[0]}")
+        quarantine.clear()
+
+    @staticmethod
+    def _apply(call: _Call, result: list[Any]) -> None:
+        pos = 0
+        for m in call.messages:
+            entry_id, stored, dups, n_stale = result[pos : pos + 4]
+            pos += 4
+            m.entry_id = (entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)) or None
+            m.stored, m.duplicates = int(stored), int(dups)
+            m.stale = [m.readings[int(index)] for index in result[pos : pos + int(n_stale)]]
+            m.stale_written = not m.stale
+            pos += int(n_stale)
+            m.done = True
+        call.done = True

@@ -1,0 +1,289 @@
+"""The load proof: drive the pipeline at a target rate and check every reading against the streams.
+
+``run_load`` publishes a seeded fleet over MQTT QoS 1 for ``duration_s``, waits for the pipeline to drain, then
+reads ``wd:readings:v1`` and ``wd:anomalies:v1`` back and reports, without assuming anything:
+
+* ``sent`` (readings whose message the broker acknowledged), ``stored`` (distinct readings found in the stream),
+  ``lost`` (acknowledged but not stored), ``duplicated`` (stored more than once);
+* ``offered_rate`` (the fleet's nominal rate) and ``achieved_rate`` (readings acknowledged by the broker per second
+  of publishing);
+* ``latency_ms`` p50/p95/p99 from a reading's publish to its anomaly arriving on ``wd:alerts:v1``;
+* ``anomalies_injected`` / ``anomalies_detected`` and precision and recall per anomaly class.
+
+With ``self_contained`` it starts private servers and every crew itself (:class:`waterdoctor.supervisor.Pipeline`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+
+from handoff import keys
+from handoff.settings import MqttEndpoint
+from simulators.fleet import ANOMALY_CLASSES, Fleet
+from simulators.publisher import Publisher, PublishLog, PublishStats
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadConfig:
+    rate: float = 1000.0
+    duration_s: float = 30.0
+    sites: int = 4
+    sensors: int = 25
+    batch: int = 10
+    anomaly_rate: float = 0.002
+    seed: int = 1
+    drain_timeout_s: float = 60.0
+    min_rate_ratio: float = 0.95
+    warmup_s: float = 0.0
+    redis_kind: str = "redis"
+    crew_args: dict[str, list[str]] = field(default_factory=dict)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return round(ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo), 3)
+
+
+class AlertListener:
+    """Records when each ``alert_id`` first arrives on the Pub/Sub channel (a thread with its own connection)."""
+
+    def __init__(self, url: str) -> None:
+        self.client = redis.Redis.from_url(url)
+        self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        self.arrivals: dict[str, float] = {}
+        self.pubsub.subscribe(**{keys.ALERTS_CHANNEL: self._handle})
+        self.thread = self.pubsub.run_in_thread(
+            sleep_time=0.05, daemon=True, exception_handler=self._on_error
+        )
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        now = time.time() * 1000
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            self.arrivals.setdefault(orjson.loads(message["data"])["alert_id"], now)
+
+    def _on_error(self, exc: BaseException, pubsub: Any, thread: Any) -> None:
+        logger.warning("alert listener: %s", exc)
+
+    def close(self) -> None:
+        self.thread.stop()
+        self.pubsub.close()
+        self.client.close()
+
+
+def read_stream(r: redis.Redis, stream: str, chunk: int = 5000) -> list[tuple[str, bytes]]:
+    out: list[tuple[str, bytes]] = []
+    start = "-"
+    while True:
+        items: Any = r.xrange(stream, min=start, max="+", count=chunk)
+        if not items:
+            break
+        for entry_id, fields in items:
+            out.append((entry_id.decode(), fields.get(b"payload", b"")))
+        if len(items) < chunk:
+            break
+        ms, seq = items[-1][0].decode().split("-")
+        start = f"{ms}-{int(seq) + 1}"
+    return out
+
+
+def stored_counts(r: redis.Redis) -> Counter[tuple[str, str, int]]:
+    counts: Counter[tuple[str, str, int]] = Counter()
+    for _id, payload in read_stream(r, keys.READINGS):
+        for reading in orjson.loads(payload)["readings"]:
+            counts[(reading["site"], reading["sensor_id"], reading["seq"])] += 1
+    return counts
+
+
+def wait_for_metrics(ports: list[int], timeout_s: float = 60.0) -> None:
+    """Wait until every crew answers on its metrics port: it has started and connected."""
+    deadline = time.monotonic() + timeout_s
+    for port in ports:
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no crew answered on metrics port {port}") from None
+                time.sleep(0.2)
+
+
+def wait_drained(r: redis.Redis, acked: int, timeout_s: float) -> bool:
+    """Until analytics has no lag or pending on the readings stream and the stream holds what was acknowledged."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            groups = {g["name"].decode(): g for g in r.xinfo_groups(keys.READINGS)}
+        except redis.ResponseError:
+            groups = {}
+        g = groups.get(keys.GROUP_ANALYTICS)
+        if g is not None and g["pending"] == 0 and (g.get("lag") in (0, None)):
+            stored = sum(stored_counts(r).values())
+            if stored >= acked:
+                return True
+        time.sleep(0.5)
+    return False
+
+
+def build_report(
+    cfg: LoadConfig, stats: PublishStats, log: PublishLog, r: redis.Redis, arrivals: dict[str, float]
+) -> dict[str, Any]:
+    counts = stored_counts(r)
+    acked_keys = log.acked_keys()
+    sent_keys = log.sent_keys()
+    stored_keys = set(counts)
+    lost = sorted(acked_keys - stored_keys)
+    duplicated = sum(c - 1 for c in counts.values() if c > 1)
+    publish_ms = log.publish_ms()
+    labels = log.labels()
+
+    anomalies = [orjson.loads(p) for _i, p in read_stream(r, keys.ANOMALIES)]
+    detected_ids: Counter[str] = Counter(a["alert_id"] for a in anomalies)
+    latencies = []
+    detected_labels: Counter[str] = Counter()
+    false_alerts = 0
+    for a in anomalies:
+        key = (a["site"], a["sensor_id"], a["seq"])
+        if key not in sent_keys:
+            continue
+        label = labels.get(key)
+        if label is None:
+            false_alerts += 1
+        else:
+            detected_labels[label] += 1
+        t_pub = publish_ms.get(key)
+        t_arr = arrivals.get(a["alert_id"], a["detected_ms"])
+        if t_pub is not None:
+            latencies.append(max(0.0, t_arr - t_pub))
+    injected = Counter(labels[k] for k in sent_keys if k in labels)
+    per_class = {}
+    for cls in ANOMALY_CLASSES:
+        n = injected.get(cls, 0)
+        per_class[cls] = {
+            "injected": n,
+            "detected": detected_labels.get(cls, 0),
+            "recall": round(detected_labels.get(cls, 0) / n, 3) if n else None,
+        }
+    n_detected = len(detected_ids)
+    true_alerts = sum(detected_labels.values())
+    elapsed = stats.elapsed_s or cfg.duration_s
+    return {
+        "offered_rate": round(stats.offered_rate or cfg.rate, 1),
+        "achieved_rate": round(len(acked_keys) / max(cfg.duration_s, 1e-9), 1),
+        "publish_elapsed_s": round(elapsed, 2),
+        "sent": len(acked_keys),
+        "sent_unacked": len(sent_keys - acked_keys),
+        "stored": len(stored_keys & sent_keys),
+        "lost": len(lost),
+        "lost_sample": [":".join(map(str, k)) for k in lost[:10]],
+        "duplicated": duplicated,
+        "duplicate_alert_ids": sum(c - 1 for c in detected_ids.values() if c > 1),
+        "latency_ms": {
+            "p50": percentile(latencies, 0.50),
+            "p95": percentile(latencies, 0.95),
+            "p99": percentile(latencies, 0.99),
+            "n": len(latencies),
+        },
+        "anomalies_injected": sum(injected.values()),
+        "anomalies_detected": n_detected,
+        "true_alerts": true_alerts,
+        "false_alerts": false_alerts,
+        "precision": round(true_alerts / n_detected, 3) if n_detected else None,
+        "recall": round(true_alerts / sum(injected.values()), 3) if injected else None,
+        "per_class": per_class,
+        "config": {
+            "rate": cfg.rate, "duration_s": cfg.duration_s, "sites": cfg.sites, "sensors": cfg.sensors,
+            "batch": cfg.batch, "anomaly_rate": cfg.anomaly_rate, "seed": cfg.seed,
+        },
+    }  # fmt: skip
+
+
+def run_load(
+    cfg: LoadConfig,
+    *,
+    redis_url: str | None,
+    mqtt_url: str | None,
+    self_contained: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run one load test and return the report (see module docstring)."""
+    say = progress or (lambda _msg: None)
+    stack = contextlib.ExitStack()
+    with stack:
+        if self_contained:
+            from waterdoctor.supervisor import Pipeline
+
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="wd-load-")))
+            pipeline = Pipeline(
+                data_dir=tmp,
+                redis_kind=cfg.redis_kind,
+                crew_args=cfg.crew_args,
+                crews=("ingest", "analytics", "alerting"),
+            )
+            stack.callback(pipeline.stop)
+            pipeline.start()
+            say(f"started private servers ({pipeline.redis_url}, {pipeline.mqtt_url}) and crews")
+            wait_for_metrics([c.metrics_port for c in pipeline.processes.values()])
+            redis_url, mqtt_url = pipeline.redis_url, pipeline.mqtt_url
+        if not redis_url or not mqtt_url:
+            raise ValueError("load needs WD_REDIS_URL and WD_MQTT_URL, or --self-contained")
+        r = redis.Redis.from_url(redis_url)
+        stack.callback(r.close)
+        listener = AlertListener(redis_url)
+        stack.callback(listener.close)
+        fleet = Fleet.for_rate(
+            cfg.rate, sites=cfg.sites, sensors_per_site=cfg.sensors, anomaly_rate=cfg.anomaly_rate,
+            seed=cfg.seed, start_ms=int(time.time() * 1000), seq_start=int(time.time()),
+        )  # fmt: skip
+        log = PublishLog()
+        publisher = Publisher(MqttEndpoint.parse(mqtt_url), batch=cfg.batch, log=log)
+        publisher.start()
+        say(f"publishing {cfg.rate:,.0f} readings/s for {cfg.duration_s:.0f}s (batch {cfg.batch})")
+
+        def on_progress(s: PublishStats) -> None:
+            say(
+                f"  t={s.elapsed_s:5.1f}s sent={s.readings_sent:,} acked={s.readings_acked:,} unacked_msgs={s.messages_unacked}"
+            )
+
+        stats = publisher.run(fleet, cfg.duration_s, on_progress=on_progress, progress_every_s=5.0)
+        stats = publisher.close(drain_timeout_s=30)
+        say(f"published {stats.readings_sent:,} readings; waiting for the pipeline to drain")
+        drained = wait_drained(r, len(log.acked_keys()), cfg.drain_timeout_s)
+        time.sleep(1.0)  # let the last Pub/Sub alerts arrive
+        report = build_report(cfg, stats, log, r, dict(listener.arrivals))
+        report["drained"] = drained
+        return report
+
+
+def verdict(report: dict[str, Any], cfg: LoadConfig) -> list[str]:
+    """Why the run failed (empty: it passed): any loss, or the rate not reached."""
+    problems = []
+    if report["lost"]:
+        problems.append(f"{report['lost']} readings lost")
+    if report["achieved_rate"] < cfg.min_rate_ratio * report["offered_rate"]:
+        problems.append(f"achieved {report['achieved_rate']}/s of {report['offered_rate']}/s offered")
+    if not report.get("drained", True):
+        problems.append("the pipeline did not drain in time")
+    return problems
+
+
+__all__ = ["LoadConfig", "build_report", "run_load", "verdict"]

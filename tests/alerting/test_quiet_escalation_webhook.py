@@ -1,0 +1,195 @@
+"""Quiet hours, escalation and acknowledgement by SMS reply (signed Twilio webhooks over real HTTP)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from twilio.request_validator import RequestValidator
+
+from alerting.dispatcher import Dispatcher
+from alerting.ledger import phone_field
+from alerting.routing import parse_routing
+from alerting.sms import TwilioSender
+from alerting.webhook import DEFAULT_PATH, make_webhook_app, start_webhook
+from tests.alerting.conftest import PHONE_A, PHONE_B, PHONE_ESC, DispatcherFactory, FakeClock, anomaly
+from tests.fakes.twilio_fake import TwilioFake
+
+# 2026-01-02T00:00:00Z is 00:00 in London (winter): inside 22:00-06:00.
+NIGHT = 1_767_312_000.0
+QUIET_END = NIGHT + 6 * 3600
+
+ROUTING = f"""
+[[route]]
+sites = ["plant-*"]
+phones = ["{PHONE_A}"]
+quiet_hours = {{ start = "22:00", end = "06:00", tz = "Europe/London" }}
+escalation = {{ after_minutes = 10, phones = ["{PHONE_ESC}"] }}
+"""
+
+
+async def test_warning_waits_for_quiet_hours_to_end_critical_goes_through(
+    fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
+) -> None:
+    clock = FakeClock(NIGHT)
+    routing = parse_routing(ROUTING.split("escalation")[0])
+    d = make_dispatcher(sender, routing, clock=clock)
+    assert await d.dispatch(anomaly(1, severity="warning")) is True  # settled: deferred durably
+    assert await d.dispatch(anomaly(2, severity="critical")) is True
+    assert [a.alert_id for a in fake.accepted] == ["plant-7:s-0042:2"]
+    rec = (await d.ledger.phone_records("plant-7:s-0042:1"))[phone_field("", PHONE_A)]
+    assert rec["s"] == "deferred" and rec["due"] == int(QUIET_END * 1000)
+
+    clock.now = QUIET_END - 1
+    assert await d.run_due_once() == 0
+    # A restart during the night loses nothing: a new dispatcher sends it when the quiet hours end.
+    clock.now = QUIET_END + 1
+    d2 = make_dispatcher(sender, routing, clock=clock, own_client=True)
+    assert await d2.run_due_once() >= 1
+    assert fake.accepted_count("plant-7:s-0042:1", PHONE_A) == 1
+    assert await d.dispatch(anomaly(1))  # redelivered afterwards: nothing new
+    assert fake.accepted_count("plant-7:s-0042:1", PHONE_A) == 1
+
+
+async def test_unacknowledged_alert_escalates_once(
+    fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
+) -> None:
+    clock = FakeClock(NIGHT)
+    d = make_dispatcher(sender, parse_routing(ROUTING), clock=clock)
+    assert await d.dispatch(anomaly(1, severity="critical"))
+    assert fake.accepted_count("plant-7:s-0042:1", PHONE_A) == 1
+    clock.advance(9 * 60)
+    await d.run_due_once()
+    assert fake.accepted_count("plant-7:s-0042:1", PHONE_ESC) == 0
+    clock.advance(61)
+    await d.run_due_once()
+    assert fake.accepted_count("plant-7:s-0042:1", PHONE_ESC) == 1
+    assert "ESCALATED" in fake.accepted[-1].body
+    clock.advance(3600)
+    await d.run_due_once()
+    assert await d.dispatch(anomaly(1, severity="critical"))
+    assert len(fake.accepted) == 2
+
+
+async def test_escalation_of_a_deferred_warning_starts_after_the_quiet_hours(
+    fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
+) -> None:
+    clock = FakeClock(NIGHT)
+    d = make_dispatcher(sender, parse_routing(ROUTING), clock=clock)
+    assert await d.dispatch(anomaly(1))
+    clock.now = QUIET_END + 5 * 60
+    await d.run_due_once()
+    assert [a.to for a in fake.accepted] == [PHONE_A]
+    clock.now = QUIET_END + 11 * 60
+    await d.run_due_once()
+    assert [a.to for a in fake.accepted] == [PHONE_A, PHONE_ESC]
+
+
+# ---- webhook ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def webhook(
+    fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
+) -> AsyncIterator[Any]:
+    clock = FakeClock(NIGHT)
+    d = make_dispatcher(sender, parse_routing(ROUTING), clock=clock)
+    runner = await start_webhook(make_webhook_app(d, fake.auth_token), "127.0.0.1", 0)
+    port = runner.addresses[0][1]
+    url = f"http://127.0.0.1:{port}{DEFAULT_PATH}"
+    async with aiohttp.ClientSession() as http:
+        yield d, clock, http, url
+    await runner.cleanup()
+
+
+def _sign(token: str, url: str, params: dict[str, str]) -> str:
+    return str(RequestValidator(token).compute_signature(url, params))
+
+
+def _inbound(from_: str, body: str) -> dict[str, str]:
+    return {
+        "MessageSid": "SM" + "1" * 32,
+        "AccountSid": "AC" + "0" * 32,
+        "From": from_,
+        "To": "+15550000000",
+        "Body": body,
+        "NumMedia": "0",
+    }
+
+
+async def test_forged_and_tampered_webhooks_get_403(fake: TwilioFake, webhook: Any) -> None:
+    d, _clock, http, url = webhook
+    assert await d.dispatch(anomaly(1, severity="critical"))
+    params = _inbound(PHONE_A, "ACK plant-7:s-0042:1")
+    # No signature.
+    async with http.post(url, data=params) as resp:
+        assert resp.status == 403
+    # Signed with the wrong token (forged).
+    async with http.post(
+        url, data=params, headers={"X-Twilio-Signature": _sign("not-the-token", url, params)}
+    ) as resp:
+        assert resp.status == 403
+    # Genuinely signed, then a parameter altered on the way (tampered).
+    good = _sign(fake.auth_token, url, params)
+    tampered = {**params, "From": PHONE_B}
+    async with http.post(url, data=tampered, headers={"X-Twilio-Signature": good}) as resp:
+        assert resp.status == 403
+    # Signed for another URL.
+    other = _sign(fake.auth_token, url + "x", params)
+    async with http.post(url, data=params, headers={"X-Twilio-Signature": other}) as resp:
+        assert resp.status == 403
+    assert "ack" not in await d.ledger.alert("plant-7:s-0042:1")
+
+
+async def test_valid_ack_stops_escalation(fake: TwilioFake, webhook: Any) -> None:
+    d, clock, http, url = webhook
+    assert await d.dispatch(anomaly(1, severity="critical"))
+    body = fake.accepted[-1].body
+    code = body.rsplit("ACK ", 1)[1]
+    params = _inbound(PHONE_A, f"ack {code.lower()}")
+    async with http.post(
+        url, data=params, headers={"X-Twilio-Signature": _sign(fake.auth_token, url, params)}
+    ) as r:
+        assert r.status == 200
+        reply = await r.text()
+    assert "Acknowledged plant-7:s-0042:1" in reply
+    ack = await d.ledger.alert("plant-7:s-0042:1")
+    assert PHONE_A in ack["ack"]
+
+    clock.advance(3600)
+    await d.run_due_once()
+    assert fake.accepted_count("plant-7:s-0042:1", PHONE_ESC) == 0  # escalation stopped
+    assert len(fake.accepted) == 1
+
+
+async def test_ack_from_a_stranger_or_with_unknown_code_changes_nothing(
+    fake: TwilioFake, webhook: Any
+) -> None:
+    d, clock, http, url = webhook
+    assert await d.dispatch(anomaly(1, severity="critical"))
+    for params in (
+        _inbound(PHONE_B, "ACK plant-7:s-0042:1"),
+        _inbound(PHONE_A, "ACK ZZZZZZ"),
+        _inbound(PHONE_A, "hello"),
+    ):
+        async with http.post(
+            url, data=params, headers={"X-Twilio-Signature": _sign(fake.auth_token, url, params)}
+        ) as resp:
+            assert resp.status == 200
+    assert "ack" not in await d.ledger.alert("plant-7:s-0042:1")
+    clock.advance(11 * 60)
+    await d.run_due_once()
+    assert fake.accepted_count("plant-7:s-0042:1", PHONE_ESC) == 1
+
+
+async def test_acknowledge_by_escalation_phone_and_twice(fake: TwilioFake, webhook: Any) -> None:
+    d, _clock, _http, _url = webhook
+    assert isinstance(d, Dispatcher)
+    assert await d.dispatch(anomaly(1, severity="critical"))
+    # The escalation phone may acknowledge too (it is a recipient once the escalation is planned).
+    result, alert_id = await d.acknowledge("plant-7:s-0042:1", PHONE_ESC)
+    assert (result.value, alert_id) == ("acked", "plant-7:s-0042:1")
+    result, _ = await d.acknowledge("plant-7:s-0042:1", PHONE_A)
+    assert result.value == "already_acked"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import enum
 import logging
 import random
@@ -52,6 +53,11 @@ from handoff.settings import mask_phone
 
 logger = logging.getLogger(__name__)
 
+# How long to wait for another party's in-flight send; None = the configured default (set per task).
+_INFLIGHT_WAIT: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "wd_inflight_wait", default=None
+)
+
 __all__ = ["AckResult", "DispatchConfig", "Dispatcher"]
 
 
@@ -83,6 +89,8 @@ class DispatchConfig:
     scheduler_interval_s: float = 0.25
     scheduler_batch: int = 200
     scheduler_concurrency: int = 32
+    #: A due item that could not be settled yet (in flight elsewhere) is looked at again this much later.
+    postpone_s: float = 1.0
 
     @property
     def ttl_s(self) -> float:
@@ -340,7 +348,7 @@ class Dispatcher:
             rec["why"] = result.reason
         if result.code is not None:
             rec["code"] = result.code
-        await self.ledger.put(alert_id, field, rec, unschedule=member)
+        await self._put_outcome(alert_id, field, rec, member)
         metrics.SMS_TOTAL.labels(outcome).inc()
         if result.outcome in (Outcome.ACCEPTED, Outcome.DRY_RUN):
             if observe_latency:
@@ -363,6 +371,19 @@ class Dispatcher:
                 result.code,
             )
 
+    async def _put_outcome(self, alert_id: str, field: str, rec: dict[str, Any], member: str) -> None:
+        # The SMS is out (or its fate is known): losing this write would turn it into an "unknown" later,
+        # so ride out a short Redis blip before giving up.
+        for attempt in range(6):
+            try:
+                await self.ledger.put(alert_id, field, rec, unschedule=member)
+                return
+            except (aredis.ConnectionError, aredis.TimeoutError):
+                if attempt == 5:
+                    raise
+                logger.warning("recording the outcome of %s failed; retrying", alert_id)
+                await asyncio.sleep(0.1 * 2**attempt)
+
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         cfg = self.config
         # Jitter spreads the retries of a burst that was refused together.
@@ -373,7 +394,8 @@ class Dispatcher:
 
     async def _settle_existing(self, alert_id: str, field: str, rec: dict[str, Any] | None) -> bool:
         """Someone else handled or holds this (alert, phone): settled once it is final or durably deferred."""
-        deadline = time.monotonic() + self.config.inflight_wait_s
+        wait = _INFLIGHT_WAIT.get()
+        deadline = time.monotonic() + (self.config.inflight_wait_s if wait is None else wait)
         delay = 0.005
         while True:
             if rec is None:
@@ -450,9 +472,13 @@ class Dispatcher:
         async def one(member: str) -> None:
             async with sem:
                 self._due_busy.add(member)
+                # The scheduler never waits for someone else's in-flight send: it comes back to the item later.
+                _INFLIGHT_WAIT.set(0.0)
                 try:
                     if await self._process_due(member):
                         await self.ledger.unschedule(member)
+                    else:
+                        await self.ledger.postpone(member, _ms(self._clock() + self.config.postpone_s))
                 except Exception:
                     logger.exception("due item %s failed; it stays scheduled", member.split("|", 2)[:2])
                 finally:

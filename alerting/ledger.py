@@ -332,6 +332,10 @@ class Ledger:
     async def due_count(self) -> int:
         return int(await self.redis.zcard(DUE_KEY))
 
+    async def postpone(self, member: str, due_ms: int) -> None:
+        """Move an existing due item to ``due_ms`` (no effect when it was removed meanwhile)."""
+        await self.redis.zadd(DUE_KEY, {member: due_ms}, xx=True)
+
     async def unschedule(self, *members: str) -> None:
         if members:
             await self.redis.zrem(DUE_KEY, *members)

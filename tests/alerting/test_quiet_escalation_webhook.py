@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -193,3 +194,30 @@ async def test_acknowledge_by_escalation_phone_and_twice(fake: TwilioFake, webho
     assert (result.value, alert_id) == ("acked", "plant-7:s-0042:1")
     result, _ = await d.acknowledge("plant-7:s-0042:1", PHONE_A)
     assert result.value == "already_acked"
+
+
+async def test_scheduler_does_not_block_on_a_send_in_flight_elsewhere(
+    fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
+) -> None:
+    from tests.alerting.test_dispatcher import _Hang
+
+    clock = FakeClock(NIGHT)
+    routing = parse_routing(ROUTING.split("escalation")[0])
+    hang = _Hang()
+    d1 = make_dispatcher(hang, routing, clock=clock)
+    assert await d1.dispatch(anomaly(1))
+    clock.now = QUIET_END + 1
+    holder = asyncio.create_task(d1.run_due_once())
+    await asyncio.wait_for(hang.started.wait(), 5)
+    d2 = make_dispatcher(sender, routing, clock=clock, own_client=True)
+    assert await asyncio.wait_for(d2.run_due_once(), 2) == 1  # looked at, not settled, postponed
+    assert await d2.ledger.due_count() == 1
+    holder.cancel()  # the process holding it dies
+    with pytest.raises(asyncio.CancelledError):
+        await holder
+    clock.advance(60)
+    assert await d2.run_due_once() == 1
+    rec = (await d2.ledger.phone_records("plant-7:s-0042:1"))[phone_field("", PHONE_A)]
+    assert rec["s"] == "unknown" and rec["why"] == "stale_claim"
+    assert await d2.ledger.due_count() == 0
+    assert fake.responses == []

@@ -482,12 +482,16 @@ class Fleet:
         self.now_ms = self.start_ms
         #: Ground truth of every emitted reading that carries a label: ``(site, sensor_id, seq) -> class``.
         self.ground_truth: dict[ReadingKey, AnomalyClass] = {}
-        #: Every anomaly episode started so far (including ones whose readings are not yet emitted).
+        #: Every anomaly episode that started at or before ``now_ms``, in start order.
         self.episodes: list[AnomalyEpisode] = []
         #: Labelled readings emitted per class (a repeated send is not counted again).
         self.injected: Counter[AnomalyClass] = Counter()
-        #: Device quirks so far: ``silent`` and ``reconnect`` periods, ``late`` and ``repeat`` readings.
+        #: Device quirks up to ``now_ms``: ``silent`` and ``reconnect`` periods started, ``late`` readings (sent
+        #: after their ``ts``: delayed, or buffered during an outage) and ``repeat`` sends.
         self.quirks: Counter[str] = Counter()
+        # Generation runs ahead of ``now_ms`` (whole blocks); events wait here until their time has come.
+        self._future_episodes: list[AnomalyEpisode] = []
+        self._future_outages: list[tuple[int, str]] = []
         #: Readings emitted so far (repeats included).
         self.emitted = 0
 
@@ -557,6 +561,7 @@ class Fleet:
         return int(np.count_nonzero(self._pending.ts_ms <= self.now_ms))
 
     def labelled_episodes(self, kind: AnomalyClass | None = None) -> list[AnomalyEpisode]:
+        """Episodes started so far, of one class or all."""
         return [e for e in self.episodes if kind is None or e.kind == kind]
 
     # -- model ------------------------------------------------------------------------------------------------
@@ -760,7 +765,6 @@ class Fleet:
         cols = np.concatenate([cols, rc])
         is_repeat = np.zeros(rows.shape[0], np.bool_)
         is_repeat[rows.shape[0] - rr.shape[0] :] = True
-        self.quirks["repeat"] += int(rr.shape[0])
         return ReadingBatch(
             self.sensors,
             rows.astype(np.int32),
@@ -819,7 +823,7 @@ class Fleet:
             ep = _Episode(s, kind, metric, tick, length, value)
             active.append(ep)
             st.busy_until[s] = tick + length
-            self.episodes.append(
+            self._future_episodes.append(
                 AnomalyEpisode(
                     self.sensors[s].site,
                     self.sensors[s].sensor_id,
@@ -887,15 +891,25 @@ class Fleet:
                         silent[s] |= cells
                     else:
                         emit[s] = np.where(cells, np.maximum(emit[s], until), emit[s])
-                    self.quirks[kind] += 1
+                    self._future_outages.append((t0, kind))
             late = (rng.random((n, b)) < q * _LATE_PER_READING) & ~silent
             delay = (rng.uniform(_LATE_S[0], _LATE_S[1], (n, b)) * 1000).astype(np.int64)
             emit = np.where(late, np.maximum(emit, ts + delay), emit)
-            self.quirks["late"] += int(late.sum())
         return silent, emit
 
     def _account(self, out: ReadingBatch) -> None:
+        now = self.now_ms
+        due = sorted((e for e in self._future_episodes if e.start_ts_ms <= now), key=lambda e: e.start_ts_ms)
+        if due:
+            self.episodes += due
+            self._future_episodes = [e for e in self._future_episodes if e.start_ts_ms > now]
+        for t0, kind in self._future_outages:
+            if t0 <= now:
+                self.quirks[kind] += 1
+        self._future_outages = [o for o in self._future_outages if o[0] > now]
         self.emitted += len(out)
+        self.quirks["repeat"] += int(out.repeat.sum())
+        self.quirks["late"] += int(np.count_nonzero((out.emit_ms > out.ts_ms) & ~out.repeat))
         labelled = np.nonzero(out.label >= 0)[0]
         if labelled.shape[0] == 0:
             return

@@ -134,6 +134,14 @@ class Dispatcher:
         self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         self._due_busy: set[str] = set()
         self._rng = random.Random()
+        read_timeout = getattr(sender, "read_timeout", None)
+        if isinstance(read_timeout, int | float) and self.config.send_timeout_s <= read_timeout:
+            # A live request would be declared abandoned (unknown) while it may still succeed.
+            logger.warning(
+                "send_timeout_s (%.1fs) should exceed the sender's read timeout (%.1fs)",
+                self.config.send_timeout_s,
+                read_timeout,
+            )
 
     # ---- the entry point of both inputs -------------------------------------------------------------------
 
@@ -229,9 +237,6 @@ class Dispatcher:
         observe_latency: bool,
     ) -> bool:
         field = phone_field(tag, phone)
-        existing = await self.ledger.get(alert_id, field)
-        if existing is not None:
-            return await self._settle_existing(alert_id, field, existing)
         now = self._clock()
         base = {"body": body, "ts": ts_ms, "n": 0}
         if due is not None and due > now:
@@ -252,8 +257,15 @@ class Dispatcher:
                 return True
             return await self._settle_existing(alert_id, field, cur)
 
-        await self.limiter.acquire(phone)
+        wait = self.limiter.reserve(phone)
+        if wait > 0:
+            # Do not queue behind the rate bound for an SMS that someone already handled.
+            existing = await self.ledger.get(alert_id, field)
+            if existing is not None:
+                return await self._settle_existing(alert_id, field, existing)
+            await asyncio.sleep(wait)
         now = self._clock()
+        # The claim: the compare-and-set returns the existing record instead when someone was first.
         ok, cur = await self.ledger.cas(
             alert_id,
             field,
@@ -280,6 +292,7 @@ class Dispatcher:
         field = phone_field(tag, phone)
         attempts = int(base.get("n", 0))
         body, ts_ms = str(base["body"]), int(base["ts"])
+        scheduled = member is not None  # is there a due item to remove with the outcome?
         member = member or send_member(alert_id, tag, phone)
         while True:
             attempts += 1
@@ -287,7 +300,9 @@ class Dispatcher:
             now = self._clock()
             rec: dict[str, Any] = {"body": body, "ts": ts_ms, "n": attempts, "t": _ms(now)}
             if result.outcome is not Outcome.RETRYABLE:
-                await self._final(alert_id, field, phone, rec, result, member, now, observe_latency)
+                await self._final(
+                    alert_id, field, phone, rec, result, member if scheduled else None, now, observe_latency
+                )
                 return True
 
             metrics.SMS_RETRIES.labels(result.reason.split(":", 1)[0]).inc()
@@ -302,6 +317,7 @@ class Dispatcher:
                 {**rec, "s": "retry_wait", "due": due_ms, "why": result.reason},
                 schedule=(member, takeover_ms),
             )
+            scheduled = True
             if not inline:
                 metrics.ALERTS_DEFERRED.labels("retry").inc()
                 logger.warning(
@@ -336,7 +352,7 @@ class Dispatcher:
         phone: str,
         rec: dict[str, Any],
         result: SendResult,
-        member: str,
+        member: str | None,
         now: float,
         observe_latency: bool,
     ) -> None:
@@ -371,7 +387,7 @@ class Dispatcher:
                 result.code,
             )
 
-    async def _put_outcome(self, alert_id: str, field: str, rec: dict[str, Any], member: str) -> None:
+    async def _put_outcome(self, alert_id: str, field: str, rec: dict[str, Any], member: str | None) -> None:
         # The SMS is out (or its fate is known): losing this write would turn it into an "unknown" later,
         # so ride out a short Redis blip before giving up.
         for attempt in range(6):

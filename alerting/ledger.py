@@ -160,6 +160,16 @@ end
 return {0, cur or ''}
 """
 
+# Plan an escalation once: a redelivered alert must not schedule again an escalation that already ran.
+# KEYS: alert hash, due zset.  ARGV: field, spec json, member, due ms.
+_PLAN_ESCALATION = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('ZADD', KEYS[2], 'NX', ARGV[4], ARGV[3])
+  return 1
+end
+return 0
+"""
+
 # Freeze the count of a fold summary (idempotent per generation) and let later folds schedule the next one.
 # KEYS: lead alert hash.  ARGV: generation.  Returns {count to report, latest folded alert_id}.
 _FOLD_SUMMARY = """
@@ -195,6 +205,7 @@ class Ledger:
         self._decide = redis.register_script(_DECIDE)
         self._cas = redis.register_script(_CAS)
         self._fold_summary = redis.register_script(_FOLD_SUMMARY)
+        self._plan_escalation = redis.register_script(_PLAN_ESCALATION)
 
     async def decide(
         self,
@@ -289,6 +300,9 @@ class Ledger:
         unschedule: str | None = None,
     ) -> None:
         """Overwrite a record we own (after our own send), scheduling or unscheduling due work atomically."""
+        if schedule is None and unschedule is None:
+            await self.redis.hset(alert_key(alert_id), field, dumps(record))
+            return
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(alert_key(alert_id), field, dumps(record))
             if schedule is not None:
@@ -315,12 +329,13 @@ class Ledger:
                     out[k] = rec
         return out
 
-    async def plan_escalation(self, alert_id: str, route: int, spec: Mapping[str, Any], due_ms: int) -> None:
-        """Keep an escalation's phones and schedule its check (idempotent: the first schedule wins)."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hsetnx(alert_key(alert_id), f"e:{route}", dumps(spec))
-            pipe.zadd(DUE_KEY, {esc_member(alert_id, route): due_ms}, nx=True)
-            await pipe.execute()
+    async def plan_escalation(self, alert_id: str, route: int, spec: Mapping[str, Any], due_ms: int) -> bool:
+        """Keep an escalation's phones and schedule its check, once per alert and route (True when new)."""
+        new = await self._plan_escalation(
+            keys=[alert_key(alert_id), DUE_KEY],
+            args=[f"e:{route}", dumps(spec), esc_member(alert_id, route), due_ms],
+        )
+        return bool(new)
 
     async def fold_summary(self, lead_id: str, generation: int) -> tuple[int, str]:
         count, last = await self._fold_summary(keys=[alert_key(lead_id)], args=[generation])

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol, TextIO
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import aiohttp
 from pydantic import SecretStr
@@ -177,7 +177,8 @@ class RebasedHttpClient(AsyncHttpClient):  # type: ignore[misc]
                 method.upper(),
                 self.rebase(uri),
                 params=params,  # type: ignore[arg-type]
-                data=data,
+                # Encoded here: twilio already set the form content type, and bytes skip aiohttp's FormData.
+                data=urlencode(data, doseq=True).encode() if data else None,
                 headers=headers,
                 allow_redirects=allow_redirects,
             ) as resp:

@@ -221,3 +221,35 @@ async def test_scheduler_does_not_block_on_a_send_in_flight_elsewhere(
     assert rec["s"] == "unknown" and rec["why"] == "stale_claim"
     assert await d2.ledger.due_count() == 0
     assert fake.responses == []
+
+
+async def test_redelivery_after_escalation_does_not_escalate_again(
+    fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
+) -> None:
+    clock = FakeClock(NIGHT)
+    d = make_dispatcher(sender, parse_routing(ROUTING), clock=clock)
+    assert await d.dispatch(anomaly(1, severity="critical"))
+    clock.advance(11 * 60)
+    assert await d.run_due_once() == 1
+    assert await d.ledger.due_count() == 0
+    assert await d.dispatch(anomaly(1, severity="critical"))  # the stream entry again, late
+    assert await d.ledger.due_count() == 0
+    assert len(fake.accepted) == 2
+
+
+async def test_webhook_behind_a_proxy_validates_against_the_public_url(
+    fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
+) -> None:
+    d = make_dispatcher(sender, parse_routing(ROUTING), clock=FakeClock(NIGHT))
+    public = "https://alerts.example.com/twilio/inbound"
+    runner = await start_webhook(make_webhook_app(d, fake.auth_token, public_url=public), "127.0.0.1", 0)
+    local = f"http://127.0.0.1:{runner.addresses[0][1]}{DEFAULT_PATH}"
+    params = _inbound(PHONE_A, "hello")
+    try:
+        async with aiohttp.ClientSession() as http:
+            for signed_for, status in ((public, 200), (local, 403)):
+                sig = _sign(fake.auth_token, signed_for, params)
+                async with http.post(local, data=params, headers={"X-Twilio-Signature": sig}) as resp:
+                    assert resp.status == status
+    finally:
+        await runner.cleanup()

@@ -175,6 +175,7 @@ class LabelledReading(NamedTuple):
     emit_ms: int
     repeat: bool
     gateway_id: str
+    anomaly_metric: str | None = None  # the metric the anomaly affects (ground truth, like ``label``)
 
     @property
     def key(self) -> ReadingKey:
@@ -229,7 +230,7 @@ class ReadingBatch:
     """Readings in columns (numpy), in emission order; the fast form for offline analysis.
 
     ``sensor`` indexes :attr:`sensors`; ``values`` has one column per name in :data:`METRICS`; ``label`` is an
-    index into :data:`ANOMALY_CLASSES` or -1.
+    index into :data:`ANOMALY_CLASSES` or -1; ``anomaly_metric`` the column the anomaly affects, or -1.
     """
 
     sensors: tuple[SensorInfo, ...]
@@ -240,6 +241,7 @@ class ReadingBatch:
     values: F64
     label: npt.NDArray[np.int8]
     repeat: npt.NDArray[np.bool_]
+    anomaly_metric: npt.NDArray[np.int8]
 
     def __len__(self) -> int:
         return int(self.sensor.shape[0])
@@ -265,6 +267,7 @@ class ReadingBatch:
         gateways = list(map([s.gateway_id for s in sensors].__getitem__, idx))
         metrics = list(map(_metrics_dict, *(self.values[:, i].tolist() for i in range(len(METRICS)))))
         labels = list(map(_LABEL_NAMES.__getitem__, self.label.tolist()))
+        affected = list(map(_METRIC_NAMES.__getitem__, self.anomaly_metric.tolist()))
         rows = zip(
             sites,
             ids,
@@ -275,6 +278,7 @@ class ReadingBatch:
             self.emit_ms.tolist(),
             self.repeat.tolist(),
             gateways,
+            affected,
             strict=True,
         )
         return list(map(LabelledReading._make, rows))
@@ -285,16 +289,7 @@ class ReadingBatch:
             return cls.empty(sensors)
         if len(parts) == 1:
             return parts[0]
-        return cls(
-            sensors,
-            np.concatenate([p.sensor for p in parts]),
-            np.concatenate([p.seq for p in parts]),
-            np.concatenate([p.ts_ms for p in parts]),
-            np.concatenate([p.emit_ms for p in parts]),
-            np.concatenate([p.values for p in parts]),
-            np.concatenate([p.label for p in parts]),
-            np.concatenate([p.repeat for p in parts]),
-        )
+        return cls(sensors, *(np.concatenate([getattr(p, name) for p in parts]) for name in _COLUMNS))
 
     @classmethod
     def empty(cls, sensors: tuple[SensorInfo, ...]) -> ReadingBatch:
@@ -307,24 +302,20 @@ class ReadingBatch:
             np.empty((0, len(METRICS))),
             np.empty(0, np.int8),
             np.empty(0, np.bool_),
+            np.empty(0, np.int8),
         )
 
     def _take(self, index: npt.NDArray[np.intp] | slice) -> ReadingBatch:
-        return ReadingBatch(
-            self.sensors,
-            self.sensor[index],
-            self.seq[index],
-            self.ts_ms[index],
-            self.emit_ms[index],
-            self.values[index],
-            self.label[index],
-            self.repeat[index],
-        )
+        return ReadingBatch(self.sensors, *(getattr(self, name)[index] for name in _COLUMNS))
 
     def _sorted(self) -> ReadingBatch:
         # Emission order; ties broken by sensor, seq, and original before repeat, so the order is total.
         order = np.lexsort((self.repeat, self.seq, self.sensor, self.emit_ms))
         return self._take(order)
+
+
+_COLUMNS: Final = ("sensor", "seq", "ts_ms", "emit_ms", "values", "label", "repeat", "anomaly_metric")
+_METRIC_NAMES: Final[tuple[str | None, ...]] = (*METRICS, None)  # code -1 -> None
 
 
 @dataclass(slots=True)
@@ -560,6 +551,17 @@ class Fleet:
         """Readings taken before now that their devices have not sent yet (late, or buffered in an outage)."""
         return int(np.count_nonzero(self._pending.ts_ms <= self.now_ms))
 
+    def rain_events(self, site: str, start_ms: int, end_ms: int) -> list[tuple[int, float]]:
+        """Rain events at ``site`` between two instants: ``(epoch ms, intensity)``; turbidity follows hours later."""
+        si = self.site_names.index(site)
+        out = [
+            (round(ev.t_ms), ev.amp)
+            for day in range(start_ms // _DAY_MS, end_ms // _DAY_MS + 1)
+            for ev in self._rain_events(si, day)
+            if start_ms <= ev.t_ms < end_ms
+        ]
+        return sorted(out)
+
     def labelled_episodes(self, kind: AnomalyClass | None = None) -> list[AnomalyEpisode]:
         """Episodes started so far, of one class or all."""
         return [e for e in self.episodes if kind is None or e.kind == kind]
@@ -744,7 +746,8 @@ class Fleet:
         v += noise
 
         labels = np.full((n, b), -1, np.int8)
-        self._apply_anomalies(rng, v, labels, k0, ts)
+        affected = np.full((n, b), -1, np.int8)
+        self._apply_anomalies(rng, v, labels, affected, k0, ts)
         silent, emit = self._apply_quirks(rng, ts)
 
         produced = ~silent
@@ -774,6 +777,7 @@ class Fleet:
             _round(v[rows, cols]),
             labels[rows, cols],
             is_repeat,
+            affected[rows, cols],
         )
 
     def _wander(self, innovations: F64, first: bool) -> F64:
@@ -790,7 +794,13 @@ class Fleet:
         return innovations
 
     def _apply_anomalies(
-        self, rng: np.random.Generator, v: F64, labels: npt.NDArray[np.int8], k0: int, ts: I64
+        self,
+        rng: np.random.Generator,
+        v: F64,
+        labels: npt.NDArray[np.int8],
+        affected: npt.NDArray[np.int8],
+        k0: int,
+        ts: I64,
     ) -> None:
         st, p = self._state, self._p
         n, b = labels.shape
@@ -846,6 +856,7 @@ class Fleet:
             sl = slice(a, z)
             name = ANOMALY_CLASSES[ep.kind]
             labels[ep.sensor, sl] = ep.kind
+            affected[ep.sensor, sl] = ep.metric
             if name in ("spike", "level_shift"):
                 v[ep.sensor, sl, ep.metric] += ep.value
             elif name == "drift":

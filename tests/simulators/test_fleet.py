@@ -109,6 +109,9 @@ def test_anomalies_of_every_class_at_about_the_configured_rate(
         assert 0.05 < labelled[cls] / sum(labelled.values()) < 0.5, (cls, labelled)
         assert fleet.labelled_episodes(cls)
     assert fleet.injected == labelled
+    assert all((r.label is None) == (r.anomaly_metric is None) for r in readings)
+    affected = Counter(r.anomaly_metric for r in originals if r.label is not None)
+    assert set(affected) == set(METRICS)  # anomalies hit every metric
     assert fleet.ground_truth == {r.key: r.label for r in originals if r.label is not None}
 
 
@@ -124,7 +127,8 @@ def test_out_of_range_is_physically_impossible_and_nothing_else_is(
     oor = [r for r in readings if r.label == "out_of_range"]
     assert oor
     for r in oor:
-        assert any(_outside(m, v) for m, v in r.metrics.items()), r
+        assert r.anomaly_metric is not None and _outside(r.anomaly_metric, r.metrics[r.anomaly_metric]), r
+        assert sum(_outside(m, v) for m, v in r.metrics.items()) == 1, r
     for r in readings:
         if r.label != "out_of_range":
             assert not any(_outside(m, v) for m, v in r.metrics.items()), r

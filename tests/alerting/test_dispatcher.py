@@ -377,3 +377,32 @@ async def test_ledger_records_expire_with_retention(
     assert await d.dispatch(anomaly(1))
     ttl = await r.ttl(alert_key("plant-7:s-0042:1"))
     assert 2 * 86400 - 60 < ttl <= 2 * 86400
+
+
+async def test_works_with_a_decoding_redis_client(
+    fake: TwilioFake, sender: TwilioSender, redis_url: str
+) -> None:
+    from alerting.dispatcher import Dispatcher
+    from tests.alerting.conftest import fast_limiter
+
+    client = aredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        clock = FakeClock()
+        d = Dispatcher(
+            client,
+            sender,
+            parse_routing(f'[[route]]\nsites = ["*"]\nphones = ["{PHONE_A}"]\n'),
+            config=PLAIN,
+            limiter=fast_limiter(),
+            clock=clock,
+        )
+        fake.faults.retry_after = 100
+        fake.script(["429"])
+        assert await d.dispatch(anomaly(1))
+        assert await d.dispatch(anomaly(2))
+        clock.advance(101)
+        assert await d.run_due_once() == 1
+        assert fake.accepted_count("plant-7:s-0042:1", PHONE_A) == 1
+        assert (await d.acknowledge("plant-7:s-0042:1", PHONE_A))[0].value == "acked"
+    finally:
+        await client.aclose()

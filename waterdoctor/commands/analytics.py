@@ -1,0 +1,60 @@
+"""``waterdoctor analytics``: score readings with per-sensor isolation forests, emit anomalies."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+from analytics.crew import AnalyticsConfig, run_analytics
+from analytics.detector import DetectorConfig
+from handoff import keys, runloop
+from handoff.connection import connect
+from handoff.metrics import serve_metrics, stream_metrics_loop
+from handoff.settings import Settings
+from handoff.worker import WorkerConfig
+
+DEFAULT_METRICS_PORT = 9102
+
+
+def add_parser(subparsers: Any) -> None:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "analytics", help="score readings (group 'analytics' on wd:readings:v1) and emit anomalies"
+    )
+    p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT, help="0 disables (default 9102)")
+    p.add_argument("--consumer", help="consumer name (default host-pid); keep it stable across restarts")
+    p.add_argument("--batch", type=int, default=500, help="entries per read (default 500)")
+    p.add_argument("--block-ms", type=int, default=5, help="longest wait for a batch to fill (default 5)")
+    p.add_argument("--warmup", type=int, default=200, help="readings per sensor before its first model")
+    p.add_argument("--window", type=int, default=4096, help="training window per sensor")
+    p.add_argument("--refit-every", type=int, default=2048, help="accepted readings between refits")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    url = settings.require_redis_url()
+    config = AnalyticsConfig(
+        retention_days=settings.anomaly_retention_days,
+        worker=WorkerConfig(
+            batch_size=args.batch,
+            block_ms=args.block_ms,
+            max_deliveries=settings.max_deliveries,
+            claim_idle_ms=settings.claim_idle_ms,
+        ),
+        detector=DetectorConfig(warmup=args.warmup, window=args.window, refit_every=args.refit_every),
+    )
+
+    async def main(stop: asyncio.Event) -> None:
+        redis = await connect(url, name="analytics")
+        serve_metrics(args.metrics_port)
+        metrics = asyncio.create_task(
+            stream_metrics_loop(redis, [(keys.READINGS, keys.GROUP_ANALYTICS)], stop), name="stream-metrics"
+        )
+        try:
+            await run_analytics(redis, config, stop, consumer=args.consumer)
+        finally:
+            stop.set()
+            await metrics
+            await redis.aclose()
+
+    return runloop.run(main)

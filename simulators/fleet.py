@@ -31,7 +31,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, NamedTuple, cast
 
@@ -541,7 +541,13 @@ class Fleet:
             out += self.step(min(end, self.now_ms + max(1, round(chunk_s * 1000))))
         return out
 
-    def iter_readings(self, duration_s: float, chunk_s: float = 3600.0) -> Iterable[LabelledReading]:
+    def iter_arrays(self, duration_s: float, chunk_s: float = 3600.0) -> Iterator[ReadingBatch]:
+        """Advance by ``duration_s`` in chunks of ``chunk_s``, yielding each chunk's columns (bounded memory)."""
+        end = self.now_ms + round(duration_s * 1000)
+        while self.now_ms < end:
+            yield self.step_arrays(min(end, self.now_ms + max(1, round(chunk_s * 1000))))
+
+    def iter_readings(self, duration_s: float, chunk_s: float = 3600.0) -> Iterator[LabelledReading]:
         """Like :meth:`simulate`, lazily, holding about ``chunk_s`` of readings at a time."""
         end = self.now_ms + round(duration_s * 1000)
         while self.now_ms < end:

@@ -15,6 +15,7 @@ from simulators.fleet import (
     PHYSICAL_LIMITS,
     Fleet,
     LabelledReading,
+    ReadingBatch,
     format_ts,
 )
 from simulators.publisher import encode_batch, encode_reading
@@ -241,3 +242,15 @@ def test_anomaly_mix_selects_classes() -> None:
     fleet = _day(anomaly_mix={"spike": 1.0})
     readings = fleet.simulate(6 * 3600)
     assert {r.label for r in readings} == {None, "spike"}
+
+
+def test_iter_arrays_chunks_add_up() -> None:
+    whole = _day(seed=9).simulate_arrays(7200)
+    fleet = _day(seed=9)
+    parts = list(fleet.iter_arrays(7200, chunk_s=600))
+    assert len(parts) == 12
+    joined = ReadingBatch.concat(fleet.sensors, parts)
+    assert np.array_equal(joined.values, whole.values) and np.array_equal(joined.seq, whole.seq)
+    assert np.array_equal(joined.label, whole.label) and np.array_equal(
+        joined.anomaly_metric, whole.anomaly_metric
+    )

@@ -3,6 +3,7 @@ publisher fast enough not to be the bottleneck, and a reader of what ingest stor
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
@@ -217,10 +218,8 @@ class FastPublisher:
                     raise TimeoutError("broker stopped acknowledging")
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.sendall(b"\xe0\x00")  # DISCONNECT
-        except OSError:
-            pass
         self.sock.close()
 
 

@@ -15,17 +15,25 @@ from ingest.mqtt import default_client_id
 DEFAULT_METRICS_PORT = 9101
 
 
+DESCRIPTION = (
+    "Subscribes with QoS 1 to $share/ingest/wd/+/+/telemetry and .../batch with a persistent MQTT 5 "
+    "session, validates every reading (bad ones go to wd:quarantine:v1 with a reason), stores each reading "
+    "once per (site, sensor_id, seq), and acknowledges a message only after its readings are in Redis. "
+    "Run several with distinct --client-id (or --instance) values to split the load."
+)
+
+
 def add_parser(subparsers: Any) -> None:
     p: argparse.ArgumentParser = subparsers.add_parser(
         "ingest",
         help="MQTT -> validate -> dedupe -> wd:readings:v1 (PUBACK after the write)",
-        description=(
-            "Subscribes with QoS 1 to $share/ingest/wd/+/+/telemetry and .../batch with a persistent MQTT 5 "
-            "session, validates every reading (bad ones go to wd:quarantine:v1 with a reason), stores each reading "
-            "once per (site, sensor_id, seq), and acknowledges a message only after its readings are in Redis. "
-            "Run several with distinct --client-id (or --instance) values to split the load."
-        ),
+        description=DESCRIPTION,
     )
+    configure_parser(p)
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    """The ingest flags (shared by ``waterdoctor ingest`` and ``python -m ingest``)."""
     p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT, help="Prometheus port (0: off)")
     p.add_argument(
         "--client-id",

@@ -1,0 +1,302 @@
+"""DetectorBank / SensorDetector: warm-up, hard limits, refits without anomalies, baselines, contract output."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from analytics.detector import HARD_LIMITS, DetectorBank, DetectorConfig, SensorDetector, fit_model
+from analytics.model import SensorModel
+from handoff.models import Anomaly
+
+LEVEL = {"ph": 7.4, "turbidity_ntu": 0.3, "chlorine_mg_l": 1.2, "flow_m3_h": 400.0}
+NOISE = {"ph": 0.02, "turbidity_ntu": 0.01, "chlorine_mg_l": 0.02, "flow_m3_h": 4.0}
+T0 = 1_767_225_600_000
+
+
+def config(**kw: Any) -> DetectorConfig:
+    base: dict[str, Any] = {
+        "warmup": 200,
+        "window": 1024,
+        "refit_every": 512,
+        "model_params": {"random_state": 0, "n_estimators": 50},
+    }
+    base.update(kw)
+    return DetectorConfig(**base)
+
+
+class Sensor:
+    """A synthetic sensor: Gaussian noise around fixed levels, one reading every 10 s."""
+
+    def __init__(self, seed: int = 0, site: str = "plant-1", sensor_id: str = "s-0001") -> None:
+        self.rng = np.random.default_rng(seed)
+        self.site, self.sensor_id = site, sensor_id
+        self.seq = 0
+        self.ts = T0
+
+    def reading(self, **override: float) -> dict[str, Any]:
+        metrics = {k: round(v + NOISE[k] * float(self.rng.normal()), 4) for k, v in LEVEL.items()}
+        metrics.update(override)
+        r = {
+            "site": self.site,
+            "sensor_id": self.sensor_id,
+            "seq": self.seq,
+            "ts_ms": self.ts,
+            "received_ms": self.ts + 5,
+            "metrics": metrics,
+        }
+        self.seq += 1
+        self.ts += 10_000
+        return r
+
+    def readings(self, n: int) -> list[dict[str, Any]]:
+        return [self.reading() for _ in range(n)]
+
+
+def warmed_bank(sensor: Sensor, n: int = 600, **kw: Any) -> DetectorBank:
+    bank = DetectorBank(config(**kw))
+    for start in range(0, n, 50):
+        assert bank.process(sensor.readings(min(50, n - start))) == []
+        bank.refit_due_now()
+    assert bank.sensor(sensor.site, sensor.sensor_id).model is not None
+    return bank
+
+
+def test_warmup_has_no_model_alerts_but_hard_limits_fire() -> None:
+    s = Sensor()
+    bank = DetectorBank(config())
+    det = bank.sensor(s.site, s.sensor_id)
+    batch = s.readings(150)
+    batch[100]["metrics"]["ph"] = 11.0  # wildly off, but physically possible: no model yet, no alert
+    batch[120]["metrics"]["ph"] = 14.5  # impossible
+    batch[130]["metrics"]["turbidity_ntu"] = -0.2
+    out = bank.process(batch)
+    assert [(a["seq"], a["rule"], a["severity"]) for a in out] == [
+        (120, "hard_limit", "critical"),
+        (130, "hard_limit", "critical"),
+    ]
+    assert out[0]["explanation"] == [{"metric": "ph", "value": 14.5, "direction": "high"}]
+    assert out[1]["explanation"] == [{"metric": "turbidity_ntu", "value": -0.2, "direction": "low"}]
+    assert out[0]["score"] == 1.0 and out[0]["model_version"] == "plant-1:s-0001:0"
+    assert det.model is None and not det.needs_refit  # 148 accepted < warmup 200
+    assert det.n_buffered == 148  # the two impossible readings stay out of the training data
+    bank.process(s.readings(60))
+    assert det.needs_refit
+
+
+@pytest.mark.parametrize(("metric", "limits"), sorted(HARD_LIMITS.items()))
+def test_hard_limit_boundaries_are_inclusive(metric: str, limits: tuple[float | None, float | None]) -> None:
+    s = Sensor()
+    bank = DetectorBank(config())
+    lo, hi = limits
+    rows = []
+    if lo is not None:
+        rows += [s.reading(**{metric: lo}), s.reading(**{metric: lo - 0.01})]
+    if hi is not None:
+        rows += [s.reading(**{metric: hi}), s.reading(**{metric: hi + 0.01})]
+    out = bank.process(rows)
+    assert [a["seq"] for a in out] == [r["seq"] for r in rows[1::2]]
+    assert all(a["severity"] == "critical" and a["explanation"][0]["metric"] == metric for a in out)
+
+
+def test_spike_after_warmup_is_an_explained_model_anomaly_in_contract_form() -> None:
+    s = Sensor(seed=1)
+    bank = warmed_bank(s)
+    batch = s.readings(20)
+    batch[7]["metrics"]["ph"] = 6.9  # -25 sigma
+    batch[12]["metrics"]["flow_m3_h"] = 460.0  # +15 sigma
+    ids = [f"{T0 + i}-0" for i in range(len(batch))]
+    out = bank.process(batch, detected_ms=T0 + 999, entry_ids=ids)
+    assert [a["seq"] for a in out] == [batch[7]["seq"], batch[12]["seq"]]
+    ph, flow = out
+    assert ph["rule"] == "model" and ph["explanation"][0] == {
+        "metric": "ph",
+        "value": 6.9,
+        "direction": "low",
+    }
+    assert flow["explanation"][0] == {"metric": "flow_m3_h", "value": 460.0, "direction": "high"}
+    assert ph["score"] >= ph["threshold"] and ph["model_version"] == "plant-1:s-0001:2"
+    assert ph["reading_entry_id"] == ids[7] and ph["detected_ms"] == T0 + 999
+    assert ph["alert_id"] == f"plant-1:s-0001:{batch[7]['seq']}"
+    for a in out:
+        Anomaly.model_validate(a)  # contract section 3 (extra "rule" is an allowed addition)
+
+
+def test_refit_leaves_detected_anomalies_out_of_the_training_window() -> None:
+    s = Sensor(seed=2)
+    bank = warmed_bank(s)
+    det = bank.sensor(s.site, s.sensor_id)
+    batch = s.readings(300)
+    spikes = {50: 9.5, 120: 5.0, 200: 15.5}  # two model anomalies, one hard-limit violation
+    for i, v in spikes.items():
+        batch[i]["metrics"]["ph"] = v
+    out = bank.process(batch)
+    assert {a["seq"] for a in out} == {batch[i]["seq"] for i in spikes}
+    window = det.training_window()
+    col = window.metrics.index("ph")
+    ph = window.values[:, col]
+    assert window.values.shape[0] == det.n_buffered
+    assert np.abs(ph - 7.4).max() < 0.2, "an anomalous value reached the training data"
+    model = fit_model(window)
+    assert model.model_version_ == f"plant-1:s-0001:{window.generation}"
+    det.install(model)
+    assert det.generation == window.generation
+
+
+def test_refit_schedule_and_in_flight_protocol() -> None:
+    s = Sensor(seed=3)
+    bank = DetectorBank(config(warmup=100, window=800, refit_every=300))
+    det = bank.sensor(s.site, s.sensor_id)
+    bank.process(s.readings(99))
+    assert not det.needs_refit
+    bank.process(s.readings(1))
+    assert det.needs_refit
+    window = det.training_window()
+    assert window.values.shape == (100, 4) and window.generation == 1
+    assert not det.needs_refit, "a fit in flight is not requested twice"
+    bank.process(s.readings(150))
+    assert not det.needs_refit
+    det.install(det.fit_new_model(window))
+    bank.process(s.readings(60))  # buffer 310 >= 2 x 100: early models are replaced soon
+    assert det.needs_refit
+    windows = bank.due_refits()
+    assert [w.generation for w in windows] == [2]
+    det.abandon_refit()
+    assert not det.needs_refit  # fresh counter: the next try waits for refit_every more readings
+    bank.process(s.readings(300))
+    assert det.needs_refit
+    assert bank.refit_due_now() == 1 and det.generation == 2
+    bank.process(s.readings(800))  # the ring buffer wraps: window is the newest 800, oldest first
+    w = det.training_window()
+    assert w.values.shape[0] == 800
+
+
+def test_batch_and_one_by_one_processing_agree() -> None:
+    s = Sensor(seed=4)
+    warm = s.readings(400)
+    tail = s.readings(300)
+    for i in (30, 31, 32, 90, 200):
+        tail[i]["metrics"]["chlorine_mg_l"] = 2.5
+    for i in range(150, 170):  # a level shift
+        tail[i]["metrics"]["turbidity_ntu"] = 0.6
+    results = []
+    for batch_size in (1, 7, 300):
+        bank = DetectorBank(config())
+        bank.process(warm)
+        bank.refit_due_now()
+        got = []
+        for k in range(0, len(tail), batch_size):
+            got += bank.process(tail[k : k + batch_size])
+        results.append([(a["seq"], a["rule"], a["score"]) for a in got])
+    assert results[0] == results[1] == results[2]
+    seqs = {seq for seq, _, _ in results[0]}
+    assert {tail[i]["seq"] for i in (30, 31, 32, 90, 200)} <= seqs
+    assert {tail[i]["seq"] for i in range(150, 170)} <= seqs, "a level shift alerts while it lasts"
+    assert len(seqs) <= 5 + 20 + 2
+
+
+def test_level_shift_that_persists_is_rebaselined() -> None:
+    s = Sensor(seed=5)
+    bank = warmed_bank(s, rebaseline_after=30)
+    LEVEL["flow_m3_h"] = 480.0
+    try:
+        out = bank.process(s.readings(200))
+    finally:
+        LEVEL["flow_m3_h"] = 400.0
+    assert 30 <= len(out) <= 32  # alerts until the new level is taken as normal
+
+
+def test_end_of_a_followed_drift_costs_one_alert_not_a_deadlock() -> None:
+    s = Sensor(seed=6)
+    bank = warmed_bank(s)
+    # A slow upward drift the short-term baseline follows without alerting...
+    drift = []
+    for k in range(120):
+        drift.append(s.reading(ph=round(7.4 + 0.004 * k + 0.02 * float(s.rng.normal()), 4)))
+    assert bank.process(drift) == []
+    # ...then the sensor snaps back to normal: one jump alert, and the baseline follows at once.
+    out = bank.process(s.readings(100))
+    assert len(out) <= 2
+
+
+def test_jump_across_a_silence_is_not_an_anomaly() -> None:
+    s = Sensor(seed=7)
+    bank = warmed_bank(s)
+    s.ts += 15 * 60_000  # 15 minutes silent, during which demand changed
+    LEVEL["flow_m3_h"] = 430.0
+    try:
+        out = bank.process(s.readings(30))
+    finally:
+        LEVEL["flow_m3_h"] = 400.0
+    assert out == []
+
+
+def test_stuck_metric_raises_warnings() -> None:
+    s = Sensor(seed=8)
+    bank = warmed_bank(s)
+    det = bank.sensor(s.site, s.sensor_id)
+    assert det.model is not None
+    need = int(det.model.stuck_run_[det.model.metrics_.index("flow_m3_h")])
+    assert need >= 2
+    out = bank.process([s.reading(flow_m3_h=401.25) for _ in range(need + 5)])
+    assert [a["rule"] for a in out] == ["stuck"] * 6
+    assert out[0]["seq"] == s.seq - 6
+    assert out[0]["severity"] == "warning" and out[0]["explanation"][0]["metric"] == "flow_m3_h"
+
+
+def test_at_most_one_anomaly_per_reading_duplicates_and_stale_readings() -> None:
+    s = Sensor(seed=9)
+    bank = warmed_bank(s)
+    det = bank.sensor(s.site, s.sensor_id)
+    bad = s.reading(ph=-1.0)
+    batch = [bad, dict(bad), *s.readings(5)]
+    out = bank.process(batch)
+    assert [a["alert_id"] for a in out] == [f"plant-1:s-0001:{bad['seq']}"]
+    buffered = det.n_buffered
+    # Redelivered (seq already seen): judged the same way, but not learned from again.
+    again = bank.process([bad, batch[3]])
+    assert [a["alert_id"] for a in again] == [out[0]["alert_id"]]
+    assert det.n_buffered == buffered
+    late_spike = dict(batch[4], metrics=dict(batch[4]["metrics"], ph=9.0))
+    assert [a["rule"] for a in bank.process([late_spike])] == ["model"]
+
+
+def test_sensors_are_independent_and_output_keeps_input_order() -> None:
+    a, b = Sensor(seed=10, sensor_id="s-a"), Sensor(seed=11, sensor_id="s-b")
+    bank = DetectorBank(config())
+    mixed = [r for pair in zip(a.readings(300), b.readings(300), strict=True) for r in pair]
+    bank.process(mixed)
+    assert bank.refit_due_now() == 2
+    rows = [a.reading(ph=20.0), b.reading(), b.reading(ph=-3.0), a.reading()]
+    out = bank.process(rows)
+    assert [(x["sensor_id"], x["seq"]) for x in out] == [("s-a", rows[0]["seq"]), ("s-b", rows[2]["seq"])]
+
+
+def test_a_loaded_model_alerts_without_warmup() -> None:
+    s = Sensor(seed=12)
+    bank = warmed_bank(s)
+    model = bank.sensor(s.site, s.sensor_id).model
+    assert model is not None
+    restored = SensorModel.from_bytes(model.to_bytes())
+    fresh = SensorDetector(s.site, s.sensor_id, config())
+    fresh.install(restored)
+    assert fresh.generation == int(model.model_version_.rsplit(":", 1)[1]) and not fresh.needs_refit
+    out = fresh.process([s.reading(), s.reading(), s.reading(ph=8.4)])
+    assert [x["rule"] for _, x in out] == ["model"]
+
+
+def test_missing_metrics_and_new_metric_names() -> None:
+    s = Sensor(seed=13)
+    bank = warmed_bank(s)
+    rows = s.readings(10)
+    del rows[3]["metrics"]["ph"]
+    rows[4]["metrics"] = {"flow_m3_h": 400.0}
+    rows[5]["metrics"]["orp_mv"] = 650.0  # a metric the model has never seen
+    assert bank.process(rows) == []
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError):
+        DetectorConfig(warmup=500, window=100)

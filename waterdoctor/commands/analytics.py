@@ -6,13 +6,7 @@ import argparse
 import asyncio
 from typing import Any
 
-from analytics.crew import AnalyticsConfig, run_analytics
-from analytics.detector import DetectorConfig
-from handoff import keys, runloop
-from handoff.connection import connect
-from handoff.metrics import serve_metrics, stream_metrics_loop
 from handoff.settings import Settings
-from handoff.worker import WorkerConfig
 
 DEFAULT_METRICS_PORT = 9102
 
@@ -32,6 +26,15 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    # Imported here, not at module level: every command's parser is built on each start, and scikit-learn
+    # alone takes a second or more to import.
+    from analytics.crew import AnalyticsConfig, run_analytics
+    from analytics.detector import DetectorConfig
+    from handoff import keys, runloop
+    from handoff.connection import connect
+    from handoff.metrics import serve_metrics, stream_metrics_loop
+    from handoff.worker import WorkerConfig
+
     url = settings.require_redis_url()
     config = AnalyticsConfig(
         retention_days=settings.anomaly_retention_days,

@@ -10,7 +10,6 @@ from typing import Any
 import orjson
 
 from handoff.settings import Settings
-from simulators.load import LoadConfig, run_load, verdict
 
 
 def add_parser(sub: Any) -> None:
@@ -32,6 +31,8 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    from simulators.load import LoadConfig, run_load, verdict  # numpy and paho: only when this command runs
+
     cfg = LoadConfig(
         rate=args.rate, duration_s=args.duration, sites=args.sites, sensors=args.sensors, batch=args.batch,
         anomaly_rate=args.anomaly_rate, seed=args.seed, drain_timeout_s=args.drain_timeout, redis_kind=args.server,

@@ -1,0 +1,134 @@
+"""The alerting crew: Pub/Sub for speed, the ``alerting`` group on ``wd:anomalies:v1`` for durability.
+
+Both inputs call the same :class:`~alerting.dispatcher.Dispatcher`, which claims each (alert, phone) in the Redis
+ledger before sending, so an alert that arrives by Pub/Sub, by the stream, or both, goes out once per phone. The
+Pub/Sub path dispatches at once (milliseconds after the anomaly is written); the stream path backfills whatever
+Pub/Sub lost while this crew was down, oldest first, and acknowledges an entry only when its dispatch is settled
+(every SMS has a final outcome or is durably scheduled): an unsettled entry is held and handed over again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import orjson
+import redis.asyncio as aredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from alerting.dispatcher import Dispatcher
+from alerting.errors import InvalidAnomaly
+from handoff import keys
+from handoff.worker import Ack, ConsumerGroupWorker, Entry, Fail, Hold, Outcome, WorkerConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AlertingConfig:
+    worker: WorkerConfig = field(
+        default_factory=lambda: WorkerConfig(batch_size=100, block_ms=200, retry_ms=2_000, max_deliveries=20)
+    )
+    pubsub_concurrency: int = 64
+    use_pubsub: bool = True
+
+
+class StreamHandler:
+    """Dispatches each anomaly entry in order; Ack when settled, Hold when not yet (it comes back later)."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+
+    async def __call__(self, entries: Sequence[Entry]) -> Mapping[str, Outcome]:
+        async def one(entry: Entry) -> Outcome:
+            try:
+                anomaly = orjson.loads(entry.payload)
+            except orjson.JSONDecodeError as exc:
+                return Fail(f"anomaly is not JSON: {exc}", permanent=True)
+            try:
+                settled = await self.dispatcher.dispatch(anomaly)
+            except InvalidAnomaly as exc:
+                return Fail(f"invalid anomaly: {exc}", permanent=True)
+            return Ack() if settled else Hold("dispatch not settled yet")
+
+        # In stream order, one at a time: a backfill reaches each phone oldest first (each alert's phones are
+        # still sent to concurrently inside the dispatcher, and the per-number rate bounds the pace anyway).
+        return {e.id: await one(e) for e in entries}
+
+
+async def listen_pubsub(
+    redis: aredis.Redis, dispatcher: Dispatcher, stop: asyncio.Event, concurrency: int = 64
+) -> None:
+    """Dispatch every anomaly published on ``wd:alerts:v1`` until ``stop``; reconnects with jittered backoff.
+
+    Pub/Sub may lose messages (while disconnected); the stream group brings those back, so nothing here retries.
+    """
+    slots = asyncio.Semaphore(concurrency)
+    tasks: set[asyncio.Task[None]] = set()
+    failures = 0
+
+    async def dispatch(data: bytes) -> None:
+        try:
+            await dispatcher.dispatch(orjson.loads(data))
+        except Exception:  # one bad alert must not stop the listener; the stream path retries it
+            logger.warning("pub/sub dispatch failed", exc_info=True)
+        finally:
+            slots.release()
+
+    while not stop.is_set():
+        pubsub = redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(keys.ALERTS_CHANNEL)
+            failures = 0
+            while not stop.is_set():
+                message = await pubsub.get_message(timeout=0.2)
+                if message is None:
+                    continue
+                await slots.acquire()
+                task = asyncio.create_task(dispatch(message["data"]))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            failures += 1
+            delay = random.uniform(0, min(5.0, 0.1 * 2**failures))
+            logger.warning("pub/sub connection lost (%s); resubscribing in %.2fs", exc, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+    if tasks:
+        await asyncio.wait(tasks, timeout=30)
+
+
+async def run_alerting(
+    redis: aredis.Redis,
+    dispatcher: Dispatcher,
+    stop: asyncio.Event,
+    config: AlertingConfig | None = None,
+    consumer: str | None = None,
+) -> ConsumerGroupWorker:
+    """Run both inputs and the dispatcher's scheduler until ``stop``; returns the stream worker (for its stats)."""
+    cfg = config or AlertingConfig()
+    worker = ConsumerGroupWorker(
+        redis,
+        keys.ANOMALIES,
+        keys.GROUP_ALERTING,
+        StreamHandler(dispatcher),
+        consumer=consumer,
+        config=cfg.worker,
+        stop_event=stop,
+    )
+    async with asyncio.TaskGroup() as tg:
+        if cfg.use_pubsub:
+            tg.create_task(
+                listen_pubsub(redis, dispatcher, stop, cfg.pubsub_concurrency), name="alerts-pubsub"
+            )
+        tg.create_task(dispatcher.run_scheduler(stop), name="alerts-scheduler")
+        tg.create_task(worker.run(), name="alerts-stream")
+    return worker

@@ -1,0 +1,129 @@
+"""The alerting crew end to end: Pub/Sub and the stream both deliver, one SMS per alert and phone, backfill."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import redis.asyncio as aredis
+
+from alerting.crew import AlertingConfig, run_alerting
+from alerting.routing import Routing
+from alerting.sms import TwilioSender
+from handoff import keys
+from handoff.worker import WorkerConfig
+from tests.alerting.conftest import BASIC_ROUTING, FROM, PHONE_A, PHONE_B, DispatcherFactory, anomaly
+from tests.fakes.twilio_fake import TwilioFake
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def emit(r: aredis.Redis, seqs: range, distinct_sensors: bool = False) -> None:
+    """What the analytics crew does for each anomaly: append to the stream and publish."""
+    for seq in seqs:
+        # Distinct sensors keep the production defaults from folding repeats of one sensor into one SMS.
+        data = orjson.dumps(anomaly(seq, sensor=f"s-{seq}") if distinct_sensors else anomaly(seq))
+        async with r.pipeline(transaction=True) as pipe:
+            pipe.xadd(keys.ANOMALIES, {"payload": data})
+            pipe.publish(keys.ALERTS_CHANNEL, data)
+            await pipe.execute()
+
+
+async def settled(r: aredis.Redis) -> bool:
+    groups = await r.xinfo_groups(keys.ANOMALIES)
+    return bool(groups) and groups[0]["pending"] == 0 and groups[0]["lag"] == 0
+
+
+async def test_pubsub_and_stream_both_deliver_but_each_sms_goes_once(
+    r: aredis.Redis,
+    fake: TwilioFake,
+    sender: TwilioSender,
+    routing: Routing,
+    make_dispatcher: DispatcherFactory,
+) -> None:
+    stop = asyncio.Event()
+    config = AlertingConfig(worker=WorkerConfig(batch_size=50, block_ms=20, retry_ms=100))
+    task = asyncio.create_task(
+        run_alerting(r, make_dispatcher(sender, routing), stop, config, consumer="al-1")
+    )
+    await asyncio.sleep(0.3)  # subscribed
+    await emit(r, range(50))
+    async with asyncio.timeout(20):
+        while len(fake.accepted) < 100 or not await settled(r):
+            await asyncio.sleep(0.05)
+    # The outage: alerting stops; anomalies keep coming and Pub/Sub drops them on the floor.
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    await emit(r, range(50, 80))
+    await asyncio.sleep(0.2)
+    assert len(fake.accepted) == 100
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        run_alerting(r, make_dispatcher(sender, routing), stop, config, consumer="al-1")
+    )
+    async with asyncio.timeout(20):
+        while len(fake.accepted) < 160 or not await settled(r):
+            await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    per_key = fake.accepted_by_key()
+    assert set(per_key.values()) == {1}  # never two accepted SMS for one alert and phone
+    assert {aid for aid, _ in per_key} == {f"plant-7:s-0042:{i}" for i in range(80)}
+    assert {phone for _, phone in per_key} == {PHONE_A, PHONE_B}
+    # The backfill went oldest first.
+    backfilled = [int(a.alert_id.rsplit(":", 1)[1]) for a in fake.accepted[100:] if a.to == PHONE_A]
+    assert backfilled == sorted(backfilled)
+
+
+async def test_the_command_runs_with_twilio_settings_and_stops_cleanly(
+    redis_url: str, r: aredis.Redis, fake: TwilioFake, tmp_path: Path
+) -> None:
+    routing_file = tmp_path / "routing.toml"
+    routing_file.write_text(BASIC_ROUTING)
+    env = {
+        **os.environ,
+        "WD_REDIS_URL": redis_url,
+        "TWILIO_ACCOUNT_SID": fake.account_sid,
+        "TWILIO_AUTH_TOKEN": fake.auth_token,
+        "WD_SMS_FROM": FROM,
+        "WD_TWILIO_BASE_URL": fake.base_url,
+        "WD_ROUTING_FILE": str(routing_file),
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "waterdoctor.cli", "alerting", "--metrics-port", "0", "--consumer", "al-cli",
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await emit(r, range(5), distinct_sensors=True)  # before it subscribed: only the stream brings these
+        async with asyncio.timeout(30):
+            while len(fake.accepted) < 10:
+                await asyncio.sleep(0.05)
+            await emit(r, range(5, 10), distinct_sensors=True)
+            while len(fake.accepted) < 20:
+                await asyncio.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert Counter(fake.accepted_by_key().values()) == Counter({1: 20})
+    assert fake.auth_token not in err.decode()  # secrets never logged
+    assert PHONE_A not in err.decode()  # phone numbers masked in logs
+
+
+def test_a_bad_routing_file_is_refused_at_start(redis_url: str, tmp_path: Path) -> None:
+    routing_file = tmp_path / "routing.toml"
+    routing_file.write_text('[[route]]\nsites = ["plant-*"]\nphones = ["555-1234"]\n')
+    env = {**os.environ, "WD_REDIS_URL": redis_url, "WD_ROUTING_FILE": str(routing_file)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "waterdoctor.cli", "alerting", "--metrics-port", "0"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "phones" in proc.stderr and "Traceback" not in proc.stderr

@@ -92,6 +92,8 @@ _ONE_MS: Final = timedelta(milliseconds=1)
 _KNOWN_CACHE_MAX: Final = 100_000
 _good_idents: set[str] = set()
 _good_metrics: set[str] = set()
+_good_topics: dict[str, tuple[str, str, str]] = {}
+_days: dict[str, int] = {}  # "YYYY-MM-DD" (validated) -> epoch ms of its midnight UTC
 
 
 @with_config(ConfigDict(extra="ignore", allow_inf_nan=False, strict=True))
@@ -203,12 +205,22 @@ def _ts_ms(ts: object) -> int:
         assert isinstance(ts, str)
         if len(ts) > 40 or _RFC3339.fullmatch(ts) is None:
             raise _Bad("schema", f"ts {_short(ts)} is not RFC 3339 with an offset")
+        if ts[-1] == "Z":
+            # The usual form (UTC, Z): the regex fixed every position, so slice; the date is validated once and
+            # remembered. About twice as fast as fromisoformat plus timedelta arithmetic.
+            day = _days.get(ts[:10])
+            hour, minute, second = int(ts[11:13]), int(ts[14:16]), int(ts[17:19])
+            if day is not None and hour < 24 and minute < 60 and second < 60:
+                millis = int(ts[20:-1][:3].ljust(3, "0")) if ts[19] == "." else 0
+                return day + ((hour * 60 + minute) * 60 + second) * 1000 + millis
         # fromisoformat (3.11) takes 1-9 fraction digits and a space, but only upper-case T and Z.
         text = ts.upper() if ("t" in ts or "z" in ts) else ts
         try:
             moment = datetime.fromisoformat(text)
         except ValueError:
             raise _Bad("schema", f"ts {_short(ts)} is not a valid date and time") from None
+        if ts[-1] == "Z" and len(_days) < _KNOWN_CACHE_MAX:
+            _days[ts[:10]] = (moment.replace(hour=0, minute=0, second=0, microsecond=0) - _EPOCH) // _ONE_MS
         # Integer timedelta arithmetic: exact (timestamp() goes through a float), floored to milliseconds.
         return (moment - _EPOCH) // _ONE_MS
     if kind is int or kind is float:
@@ -348,21 +360,28 @@ def validate_message(topic: str, payload: bytes, received_ms: int) -> MessageRes
     ``received_ms`` and anchors the clock-skew window. Never raises for any payload.
     """
     result = MessageResult(topic, received_ms)
-    try:
-        site, device, kind = parse_topic(topic)
-    except ValueError as exc:
-        result.rejected.append(Rejected("topic_mismatch", str(exc), payload))
-        return result
-    result.site, result.device = site, device
-    if not (_is_ident(site) and _is_ident(device)):
-        result.rejected.append(
-            Rejected(
-                "bad_identifier",
-                f"topic {_short(topic)} has an identifier outside ^[A-Za-z0-9_-]{{1,64}}$",
-                payload,
+    parsed = _good_topics.get(topic)
+    if parsed is None:
+        try:
+            parsed = parse_topic(topic)
+        except ValueError as exc:
+            result.rejected.append(Rejected("topic_mismatch", str(exc), payload))
+            return result
+        if not (_is_ident(parsed[0]) and _is_ident(parsed[1])):
+            result.rejected.append(
+                Rejected(
+                    "bad_identifier",
+                    f"topic {_short(topic)} has an identifier outside ^[A-Za-z0-9_-]{{1,64}}$",
+                    payload,
+                )
             )
-        )
-        return result
+            return result
+        if len(_good_topics) >= _KNOWN_CACHE_MAX:
+            _good_topics.clear()
+        _good_topics[topic] = parsed
+    site, device, kind = parsed
+    result.site, result.device = site, device
+    earliest, latest = received_ms - MAX_PAST_MS, received_ms + MAX_FUTURE_MS
     limit = SINGLE_MAX_BYTES if kind == "telemetry" else BATCH_MAX_BYTES
     if len(payload) > limit:
         result.rejected.append(
@@ -375,7 +394,17 @@ def validate_message(topic: str, payload: bytes, received_ms: int) -> MessageRes
         return result
     try:
         if kind == "telemetry":
-            result.readings.append(_fast_single(payload, site, device, received_ms))
+            fast = _fast_reading.validate_json(payload)
+            ts = fast["ts"]
+            ts_ms = math.floor(ts * 1000 + 0.5) if type(ts) is float else _ts_ms(ts)
+            if fast["site"] == site and fast["sensor_id"] == device and earliest <= ts_ms <= latest:
+                normalized = {
+                    "site": site, "sensor_id": device, "seq": fast["seq"], "ts_ms": ts_ms,
+                    "received_ms": received_ms, "metrics": fast["metrics"],
+                }  # fmt: skip
+                result.readings.append(Reading(site, device, fast["seq"], ts_ms, orjson.dumps(normalized)))
+            else:
+                result.readings.append(_finish(fast, site, device, received_ms))
             return result
         checked = _fast_batch.validate_json(payload)
     except _Bad as bad:  # passed the models, failed a rule they do not express
@@ -393,18 +422,28 @@ def validate_message(topic: str, payload: bytes, received_ms: int) -> MessageRes
             )
         )
         return result
+    # The hot loop (100k readings/s): the common case inline, anything unusual through _finish for its reason.
+    readings = result.readings
+    dumps = orjson.dumps
     for index, fast in enumerate(checked["readings"]):
+        ts = fast["ts"]
+        if type(ts) is float and fast["site"] == site:
+            ts_ms = math.floor(ts * 1000 + 0.5)
+            if earliest <= ts_ms <= latest:
+                sensor_id, seq = fast["sensor_id"], fast["seq"]
+                normalized = {
+                    "site": site, "sensor_id": sensor_id, "seq": seq, "ts_ms": ts_ms, "received_ms": received_ms,
+                    "metrics": fast["metrics"],
+                }  # fmt: skip
+                readings.append(Reading(site, sensor_id, seq, ts_ms, dumps(normalized)))
+                continue
         try:
-            result.readings.append(_finish(fast, site, None, received_ms))
+            readings.append(_finish(fast, site, None, received_ms))
         except _Bad as bad:
             result.rejected.append(
                 Rejected(bad.reason, f"batch reading {index}: {bad.detail}", _raw_of(fast, False))
             )
     return result
-
-
-def _fast_single(payload: bytes, site: str, sensor: str, received_ms: int) -> Reading:
-    return _finish(_fast_reading.validate_json(payload), site, sensor, received_ms)
 
 
 def _finish(fast: _FastReading, topic_site: str, topic_sensor: str | None, received_ms: int) -> Reading:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -261,3 +261,25 @@ def test_batch_agrees_with_reference_models(bodies: list[dict[str, Any]]) -> Non
                 j += 1
     assert j == len(result.readings), "accepted a reading the reference model refuses"
     assert whole_ok == (good == len(bodies))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.datetimes(min_value=datetime(1900, 1, 1), max_value=datetime(2200, 12, 31)),
+    st.sampled_from([0, 1, 2, 3, 6, 9]),
+    st.sampled_from(["Z", "+00:00", "-07:30", "+14:00"]),
+)
+def test_rfc3339_forms_convert_exactly(moment: datetime, digits: int, suffix: str) -> None:
+    from datetime import timedelta
+
+    from ingest.validate import _ts_ms
+
+    # strftime pads years below 1000 inconsistently across platforms; the strategy starts at 1900.
+    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    if digits:
+        text += "." + f"{moment.microsecond:06d}{moment.microsecond % 1000:03d}"[:digits]
+    text += suffix
+    aware = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    expected = (aware - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
+    assert _ts_ms(text) == expected
+    assert _ts_ms(text) == expected  # again, now through the cached-date path for Z

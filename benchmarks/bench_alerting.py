@@ -49,6 +49,8 @@ from waterdoctor.embedded import RedisServer  # noqa: E402
 SID, TOKEN, FROM, PHONE = "AC" + "0" * 32, "bench-token", "+15550000000", "+15551230001"
 ROUTING = parse_routing(f'[[route]]\nsites = ["*"]\nphones = ["{PHONE}"]\n')
 PLAIN = DispatchConfig(fold_window_s=0, throttle_max=0)
+#: The configured global send rate of the backfill run (an account's messages per second).
+BACKFILL_RATE = 200.0
 ID_RE = re.compile(r"(?:^|\s)id (\S+)")
 
 
@@ -118,7 +120,9 @@ async def bench_senders(base_url: str, n: int) -> dict[str, float]:
         def request(self, method: str, url: str, *a: Any, **kw: Any) -> Any:
             return super().request(method, url.replace("https://api.twilio.com", base_url), *a, **kw)
 
-    client = Client(SID, TOKEN, http_client=_Rebased(pool_connections=True, timeout=10), environment={"WD": "1"})
+    client = Client(
+        SID, TOKEN, http_client=_Rebased(pool_connections=True, timeout=10), environment={"WD": "1"}
+    )
 
     def sync_send(i: int) -> None:
         client.messages.create(to=PHONE, from_=FROM, body=f"bench id sender:s:{i}")
@@ -205,7 +209,11 @@ async def bench_latency(
 
 async def bench_backfill(r: aredis.Redis, base_url: str, n: int, send_rate: float | None, site: str) -> float:
     sender = TwilioSender(SID, TOKEN, FROM, base_url=base_url)
-    limiter = SendRateLimiter(1e9, 1e9, global_rate=send_rate, global_burst=1) if send_rate else SendRateLimiter(1e9, 1e9)
+    limiter = (
+        SendRateLimiter(1e9, 1e9, global_rate=send_rate, global_burst=1)
+        if send_rate
+        else SendRateLimiter(1e9, 1e9)
+    )
     d = Dispatcher(r, sender, ROUTING, config=PLAIN, limiter=limiter)
     sem = asyncio.Semaphore(64)
     ts = int(time.time() * 1000) - 600_000  # ten minutes old: the outage
@@ -228,17 +236,25 @@ async def one_run(run: int, quick: bool) -> dict[str, float]:
         with fake_process(record) as base_url:
             r = aredis.Redis.from_url(server.url)
             res.update(await bench_senders(base_url, 500 if quick else 2000))
-            res["max_dispatch_per_s"] = await bench_max_rate(r, base_url, 1000 if quick else 5000, f"max{run}")
-            light = await bench_latency(r, server.url, base_url, record, 20, 3 if quick else 10, f"light{run}")
+            res["max_dispatch_per_s"] = await bench_max_rate(
+                r, base_url, 1000 if quick else 5000, f"max{run}"
+            )
+            light = await bench_latency(
+                r, server.url, base_url, record, 20, 3 if quick else 10, f"light{run}"
+            )
             res["light_rate"] = 20
             res["light_p50_ms"], res["light_p99_ms"] = light["p50_ms"], light["p99_ms"]
             half = res["max_dispatch_per_s"] / 2
-            heavy = await bench_latency(r, server.url, base_url, record, half, 3 if quick else 10, f"half{run}")
+            heavy = await bench_latency(
+                r, server.url, base_url, record, half, 3 if quick else 10, f"half{run}"
+            )
             res["half_rate"] = half
             res["half_p50_ms"], res["half_p99_ms"] = heavy["p50_ms"], heavy["p99_ms"]
             n_back = 2000 if quick else 10_000
-            res["backfill_configured_rate"] = 500.0
-            res["backfill_at_500_per_s"] = await bench_backfill(r, base_url, n_back, 500.0, f"bf{run}")
+            res["backfill_configured_rate"] = BACKFILL_RATE
+            res["backfill_achieved_per_s"] = await bench_backfill(
+                r, base_url, n_back, BACKFILL_RATE, f"bf{run}"
+            )
             res["backfill_unbounded_per_s"] = await bench_backfill(r, base_url, n_back, None, f"bfu{run}")
             await r.aclose()
     return res
@@ -254,7 +270,9 @@ def main() -> int:
         res = asyncio.run(one_run(i, args.quick))
         print(f"run {i + 1}: " + ", ".join(f"{k}={v:.1f}" for k, v in res.items()), flush=True)
         runs.append(res)
-    print(f"\nmedians of {args.runs} run(s) on {platform.machine()} {os.cpu_count()} cpu, Python {platform.python_version()}:")
+    print(
+        f"\nmedians of {args.runs} run(s) on {platform.machine()} {os.cpu_count()} cpu, Python {platform.python_version()}:"
+    )
     print("| measure | median |\n|---|---|")
     for k in runs[0]:
         print(f"| {k} | {statistics.median(r[k] for r in runs):.1f} |")

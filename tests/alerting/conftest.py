@@ -86,7 +86,7 @@ async def fake() -> AsyncIterator[TwilioFake]:
 
 @pytest.fixture
 async def sender(fake: TwilioFake) -> AsyncIterator[TwilioSender]:
-    s = TwilioSender(fake.account_sid, fake.auth_token, FROM, base_url=fake.base_url, read_timeout=0.5)
+    s = TwilioSender(fake.account_sid, fake.auth_token, FROM, base_url=fake.base_url, read_timeout=1.0)
     yield s
     await s.aclose()
 

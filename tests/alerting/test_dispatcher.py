@@ -55,7 +55,7 @@ async def test_two_dispatcher_instances_send_once(
     fake: TwilioFake, sender: TwilioSender, routing: Routing, make_dispatcher: DispatcherFactory
 ) -> None:
     # Two alerting processes: separate Redis connections, separate senders, separate in-process locks.
-    sender2 = TwilioSender(fake.account_sid, fake.auth_token, FROM, base_url=fake.base_url, read_timeout=0.5)
+    sender2 = TwilioSender(fake.account_sid, fake.auth_token, FROM, base_url=fake.base_url, read_timeout=1.0)
     d1 = make_dispatcher(sender, routing)
     d2 = make_dispatcher(sender2, routing, own_client=True)
     alerts = [anomaly(i) for i in range(50)]
@@ -73,12 +73,12 @@ async def test_random_429_500_timeouts_over_1000_alerts(
     r: aredis.Redis, make_dispatcher: DispatcherFactory
 ) -> None:
     faults = Faults(
-        p429=0.15, p500=0.03, p503=0.03, ptimeout=0.02, preset=0.01, retry_after=0.01, hang_s=1.0, seed=7
+        p429=0.15, p500=0.03, p503=0.03, ptimeout=0.02, preset=0.01, retry_after=0.01, hang_s=3.0, seed=7
     )
     routing = parse_routing(f'[[route]]\nsites = ["*"]\nphones = ["{PHONE_A}"]\n')
     async with TwilioFake(faults=faults) as fake:
         sender = TwilioSender(
-            fake.account_sid, fake.auth_token, FROM, base_url=fake.base_url, read_timeout=0.3
+            fake.account_sid, fake.auth_token, FROM, base_url=fake.base_url, read_timeout=1.0
         )
         d = make_dispatcher(
             sender, routing, config=DispatchConfig(fold_window_s=0, throttle_max=0, backoff_base_s=0.01)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import orjson
 import pytest
@@ -26,6 +27,7 @@ from waterdoctor.cli import main
 from waterdoctor.embedded import free_port
 
 EXACT = RetentionConfig(exact=True, idle_cap_ms=None)
+ACL_FILE = Path(__file__).resolve().parents[2] / "deploy" / "redis-users.acl"
 
 
 async def add_at(r: aredis.Redis, stream: str, *ages_ms: int, now: int | None = None) -> list[str]:
@@ -263,3 +265,25 @@ def test_format_duration() -> None:
         "5h02m",
         "12d00h",
     ]
+
+
+async def test_retention_works_with_the_deployed_acl_user(redis_url: str, r: aredis.Redis) -> None:
+    """The least-privilege ``retention`` user of deploy/redis-users.acl (no scripting, no INFO) is enough."""
+    line = next(x for x in ACL_FILE.read_text().splitlines() if x.startswith("user retention "))
+    rules = [">pw" if rule.startswith(">") else rule for rule in line.split()[2:]]
+    await r.execute_command("ACL", "SETUSER", "retention", "reset", *rules)
+    limited = aredis.Redis.from_url(redis_url, username="retention", password="pw")
+    try:
+        now = await server_time_ms(r)
+        ids = await add_at(r, keys.READINGS, *(2 * DAY_MS - i for i in range(10)), HOUR_MS, now=now)
+        await r.xgroup_create(keys.READINGS, keys.GROUP_ANALYTICS, id="0")
+        await r.xreadgroup(keys.GROUP_ANALYTICS, "a-1", {keys.READINGS: ">"}, count=4)
+        await r.xdel(keys.READINGS, ids[6])  # the server's lag becomes nil: retention's stats must count
+        retention = Retention(limited, [RetentionPolicy(keys.READINGS, DAY_MS)], RetentionConfig(exact=True))
+        (rep,) = await retention.run_once()
+        assert rep.held_back_by == (keys.GROUP_ANALYTICS,)
+        assert await ids_of(r, keys.READINGS) == [i for i in ids if i != ids[6]]  # all four pending stay
+        assert sample("wd_stream_lag", stream=keys.READINGS, group=keys.GROUP_ANALYTICS) == 6
+    finally:
+        await limited.aclose()
+        await r.execute_command("ACL", "DELUSER", "retention")

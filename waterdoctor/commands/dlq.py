@@ -17,19 +17,18 @@ import asyncio
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-import redis.asyncio as aredis
 from pydantic import ValidationError
-from redis.exceptions import WatchError
 
 from handoff import keys
-from handoff.connection import connect
 from handoff.models import DeadLetter
 from handoff.settings import Settings
-from handoff.stats import count_entries, id_ms, server_time_ms
 from retention.policy import format_duration, parse_duration
+
+if TYPE_CHECKING:  # redis is imported when the command runs: the CLI builds every parser on each start
+    import redis.asyncio as aredis
 
 _PAGE = 1_000
 _WATCH_RETRIES = 20
@@ -44,6 +43,8 @@ class DeadEntry:
     raw: bytes
 
     def to_json(self, now_ms: int) -> dict[str, Any]:
+        from handoff.stats import id_ms
+
         base: dict[str, Any] = {"id": self.id, "age_ms": max(0, now_ms - id_ms(self.id))}
         if self.letter is None:
             return {**base, "unreadable": self.raw.decode("utf-8", "replace")[:200]}
@@ -165,6 +166,8 @@ async def retry_one(r: aredis.Redis, dead: DeadEntry) -> str:
     WATCH on the dead-letter stream makes two operators retrying the same letter at once produce one retry, not
     two. Raises ``LookupError`` if the letter is gone and ``ValueError`` if it cannot be retried.
     """
+    from redis.exceptions import WatchError
+
     letter = dead.letter
     if letter is None:
         raise ValueError("payload is not a dead letter of the contract")
@@ -189,6 +192,8 @@ async def retry_one(r: aredis.Redis, dead: DeadEntry) -> str:
 
 async def purge_older_than(r: aredis.Redis, max_age_ms: int) -> tuple[int, str]:
     """How many dead letters are older than ``max_age_ms`` (server clock) and the MINID that removes them."""
+    from handoff.stats import count_entries, server_time_ms
+
     cutoff = f"{await server_time_ms(r) - max_age_ms}-0"
     n, _, _ = await count_entries(r, keys.DEAD, "-", "(" + cutoff, 10**12)
     return n, cutoff
@@ -199,6 +204,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _run(url: str, args: argparse.Namespace) -> int:
+    from handoff.connection import connect
+
     r = await connect(url, name="dlq", attempts=3)
     try:
         if args.dlq_command == "list":
@@ -211,6 +218,11 @@ async def _run(url: str, args: argparse.Namespace) -> int:
 
 
 async def _list(r: aredis.Redis, args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from handoff.stats import id_ms, server_time_ms
+
     now = await server_time_ms(r)
     entries = await list_dead(r, count=args.count, stream=args.stream, group=args.group)
     depth = await r.xlen(keys.DEAD)
@@ -218,9 +230,6 @@ async def _list(r: aredis.Redis, args: argparse.Namespace) -> int:
         for e in entries:
             sys.stdout.write(orjson.dumps(e.to_json(now)).decode() + "\n")
         return 0
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(
         title=f"{keys.DEAD}: {depth} dead letters (newest {len(entries)} shown)", title_justify="left"
     )

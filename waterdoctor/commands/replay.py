@@ -13,16 +13,16 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-import redis.asyncio as aredis
 
 from handoff import keys
-from handoff.connection import connect
 from handoff.settings import Settings
-from handoff.stats import id_ms, server_time_ms
 from retention.policy import parse_duration
+
+if TYPE_CHECKING:  # redis is imported when the command runs: the CLI builds every parser on each start
+    import redis.asyncio as aredis
 
 _PAGE = 1_000
 
@@ -159,6 +159,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _replay(url: str, args: argparse.Namespace) -> int:
+    from handoff.connection import connect
+    from handoff.stats import id_ms, server_time_ms
+
     r = await connect(url, name="replay", attempts=3)
     try:
         now = await server_time_ms(r)

@@ -8,18 +8,14 @@ import logging
 import sys
 from typing import Any
 
-import orjson
-
-from handoff import runloop
-from handoff.connection import connect
-from handoff.metrics import serve_metrics
 from handoff.settings import Settings
-from retention import Retention, RetentionConfig, default_policies, parse_duration
 from retention.policy import (
     DEFAULT_DEAD_WINDOW_MS,
     DEFAULT_QUARANTINE_WINDOW_MS,
     DEFAULT_READINGS_WINDOW_MS,
+    default_policies,
     format_duration,
+    parse_duration,
 )
 
 logger = logging.getLogger(__name__)
@@ -95,6 +91,14 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    # Heavy imports only when this command runs: the CLI builds every parser on each start.
+    import orjson
+
+    from handoff import runloop
+    from handoff.connection import connect
+    from handoff.metrics import serve_metrics
+    from retention.trimmer import Retention, RetentionConfig
+
     url = settings.require_redis_url()
     policies = default_policies(
         settings,

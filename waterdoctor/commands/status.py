@@ -14,22 +14,20 @@ import sys
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-import redis.asyncio as aredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from handoff import keys
-from handoff.connection import connect
 from handoff.errors import RedisUnavailable
 from handoff.settings import Settings
-from handoff.stats import StreamStats, stream_stats
 from retention.policy import format_duration
+
+if (
+    TYPE_CHECKING
+):  # redis and rich are imported when the command runs: the CLI builds every parser on each start
+    import redis.asyncio as aredis
+    from rich.console import Console
 
 #: Consumers idle longer than this are shown as suspect (the worker claims from them after ``claim_idle_ms``).
 _IDLE_WARN_MS = 60_000
@@ -68,11 +66,18 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
+        from rich.console import Console
+
         render(report, Console(file=sys.stdout, width=None if sys.stdout.isatty() else 160))
     return 0
 
 
 async def _collect_from(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    from handoff.connection import connect
+
     r = await connect(url, name="status", attempts=1, socket_connect_timeout=3, socket_timeout=10)
     try:
         return await collect_status(
@@ -133,6 +138,8 @@ async def collect_status(
     lag_count_cap: int = 1_000_000,
 ) -> dict[str, Any]:
     """Everything ``status`` shows, as a JSON-ready dict (the ``--json`` output)."""
+    from handoff.stats import StreamStats, stream_stats
+
     info = await r.info("server")
     stats: list[StreamStats] = [
         await stream_stats(r, s, memory_samples=memory_samples, lag_count_cap=lag_count_cap) for s in streams
@@ -179,6 +186,9 @@ def _bytes(n: int | None) -> str:
 
 def render(report: dict[str, Any], console: Console) -> None:
     """Draw the report as rich tables."""
+    from rich.table import Table
+    from rich.text import Text
+
     server = report["server"]
     console.print(
         Text.assemble(

@@ -6,10 +6,11 @@ checks and marks each reading in a per-sensor dedupe state and XADDs each messag
 in one atomic step: a crash leaves either the marks and the entry, or neither.
 
 Per-sensor state (one string key ``wd:_seen:{site}:sensor_id``; the site is a hash tag so a future Cluster keeps a
-site's keys in one slot): the first 20 bytes hold the high-water mark (highest seq seen) as zero-padded decimal,
-then a ring of :data:`SEEN_WINDOW` bits, bit ``seq mod W`` set when that seq was stored. Seqs are compared as
-zero-padded strings and subtracted in two 10-digit halves, because Lua numbers are doubles and ``seq`` goes to
-2^63-1. A reading is
+site's keys in one slot): a 30-byte header, the high-water mark (highest seq stored) as two zero-padded 10-digit
+halves and the time its TTL was last set, then a ring of :data:`SEEN_WINDOW` bits, bit ``seq mod W`` set when that
+seq was stored. Seqs travel and are compared as two base-10^10 halves because Lua numbers are doubles and ``seq``
+goes to 2^63-1. The script reads each key once per call, works on the bits in Lua and writes the changed bytes
+back in one SETRANGE per run (a SETBIT per reading cost more than the rest of the script). A reading is
 
 * new if above the high-water mark, or within the window below it with its bit clear: stored and marked;
 * a duplicate if its bit is set (or it equals the mark): dropped and counted;
@@ -18,7 +19,8 @@ zero-padded strings and subtracted in two 10-digit halves, because Lua numbers a
   resets its counter, or when a message sat unacknowledged in a dead ingest's session while the sensor moved on by
   more than ``W`` readings. ``W`` = 4096 keeps that rare at 512 bytes per sensor.
 
-The state expires :data:`SEEN_TTL_MS` after the sensor's last stored reading. That is safe: a reading older than 7
+The state expires :data:`SEEN_TTL_MS` after the sensor's last stored reading (the TTL is refreshed at most hourly,
+so at least 8 days minus an hour). That is safe: a reading older than 7
 days is refused for clock skew before it gets here, so any reading that could still be accepted has its sensor's
 state alive. Changing ``W`` changes bit positions: it needs new keys (bump the prefix), never an in-place change.
 """
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -53,9 +56,9 @@ __all__ = [
 ]
 
 SEEN_WINDOW: Final = 4096  # bits per sensor; a multiple of 8
-SEEN_TTL_MS: Final = 8 * 24 * 3600 * 1000  # the 7-day clock window plus a day
+SEEN_TTL_MS: Final = 8 * 24 * 3600 * 1000  # the 7-day clock window plus a day (refreshed at most hourly)
 #: Upper bound on readings per script call: a script blocks the server while it runs (~1-2 us per reading).
-MAX_READINGS_PER_CALL: Final = 2000  # also keeps key indexes within the record's 4 digits
+MAX_READINGS_PER_CALL: Final = 2000  # also keeps key indexes within the record's 16 bits
 QUARANTINE_MAXLEN: Final = 100_000
 
 # The shebang matters: a script declared with it (and without allow-oom) is refused as a whole when the server is
@@ -64,107 +67,151 @@ _INGEST_LUA: Final = r"""#!lua
 local W = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
 local field = ARGV[3]
-local BASE = 160 -- the ring starts after the 20-byte high-water mark
-local hw, dirty, touched = {}, {}, {}
-
-local function gap(a, b) -- a > b, both 20-digit strings: a - b, exact below 1e10, huge past it
-  local dh = tonumber(string.sub(a, 1, 10)) - tonumber(string.sub(b, 1, 10))
-  if dh > 1 then return 1e18 end
-  return dh * 1e10 + tonumber(string.sub(a, 11, 20)) - tonumber(string.sub(b, 11, 20))
-end
-
-local function clear_span(key, p, n) -- clear ring bits p .. p+n-1 (no wrap)
-  local bit = BASE + p
-  while n > 0 and bit % 8 ~= 0 do
-    redis.call('SETBIT', key, bit, 0); bit = bit + 1; n = n - 1
-  end
-  local bytes = math.floor(n / 8)
-  if bytes > 0 then
-    redis.call('SETRANGE', key, bit / 8, string.rep('\0', bytes))
-    bit = bit + bytes * 8; n = n - bytes * 8
-  end
-  while n > 0 do
-    redis.call('SETBIT', key, bit, 0); bit = bit + 1; n = n - 1
-  end
-end
-
-local function clear_ring(key, p, n)
-  if n <= 0 then return end
-  if p + n <= W then clear_span(key, p, n)
-  else clear_span(key, p, W - p); clear_span(key, 0, n - (W - p)) end
-end
-
--- ARGV[4]: per message a 5-digit reading count, then per reading a fixed-width record (see _RECORD);
--- ARGV[5 ..]: per message its entry payload {"readings":[...]} with every reading, sliced when some are not new.
 local meta = ARGV[4]
+local HEAD = 30 -- bytes: high-water mark (two 10-digit halves) and the time the TTL was last set
+local REFRESH = 3600 -- seconds between TTL refreshes of one key
+local now = tonumber(redis.call('TIME')[1])
+local floor = math.floor
+local unpack = struct.unpack
+-- Per sensor key index: high-water mark halves, TTL time, the ring as read, and the ring bytes changed since.
+-- Bits are worked on in Lua and written back once per key (contiguous changed bytes in one SETRANGE): a
+-- SETBIT per reading cost more than everything else in the script.
+local hwhi, hwlo, refreshed, ring, changed, stored = {}, {}, {}, {}, {}, {}
+
+local function getbyte(ki, bi)
+  local v = changed[ki][bi]
+  if v == nil then v = string.byte(ring[ki], bi + 1) or 0 end
+  return v
+end
+
+local function clear_bit(ki, p)
+  local bi = floor(p / 8)
+  local mask = 2 ^ (7 - p % 8)
+  local v = getbyte(ki, bi)
+  if floor(v / mask) % 2 == 1 then changed[ki][bi] = v - mask end
+end
+
+local function clear_span(ki, p, n) -- ring bits p .. p+n-1, no wrap
+  while n > 0 and p % 8 ~= 0 do clear_bit(ki, p); p = p + 1; n = n - 1 end
+  while n >= 8 do changed[ki][p / 8] = 0; p = p + 8; n = n - 8 end
+  while n > 0 do clear_bit(ki, p); p = p + 1; n = n - 1 end
+end
+
+local function clear_ring(ki, p, n)
+  if n <= 0 then return end
+  if p + n <= W then clear_span(ki, p, n)
+  else clear_span(ki, p, W - p); clear_span(ki, 0, n - (W - p)) end
+end
+
+-- ARGV[4]: per message a uint32 reading count, then per reading a _RECORD (key index, ring position, seq as
+-- two base-1e10 halves, offset and length of its JSON in the payload). ARGV[5 ..]: per message its entry payload
+-- {"readings":[...]} holding every reading, sliced when some are not new.
 local mp = 1
 local out = {}
 for m = 1, #ARGV - 4 do
   local payload = ARGV[4 + m]
-  local n = tonumber(string.sub(meta, mp, mp + 4)); mp = mp + 5
-  local fresh, stale, dups = {}, {}, 0
+  local n
+  n, mp = unpack('>I', meta, mp)
+  local fresh, spans, stale, dups = 0, {}, {}, 0
   for r = 1, n do
-    local ki = tonumber(string.sub(meta, mp, mp + 3))
-    local seq = string.sub(meta, mp + 4, mp + 23)
-    local pos = tonumber(string.sub(meta, mp + 24, mp + 28))
-    local span = mp + 29
-    mp = mp + 42
-    local key = KEYS[ki]
-    local h = hw[ki]
-    if h == nil then
-      h = redis.call('GETRANGE', key, 0, 19)
-      if h == '' then h = false end
-      hw[ki] = h
+    local ki, pos, hi, lo, off, len
+    ki, pos, hi, lo, off, len, mp = unpack('>HHddII', meta, mp)
+    local hh = hwhi[ki]
+    if hh == nil then
+      local data = redis.call('GETRANGE', KEYS[ki], 0, HEAD + W / 8 - 1)
+      if data == '' then
+        hh = false
+      else
+        hh = tonumber(string.sub(data, 1, 10))
+        hwlo[ki] = tonumber(string.sub(data, 11, 20))
+        refreshed[ki] = tonumber(string.sub(data, 21, 30))
+      end
+      hwhi[ki] = hh
+      ring[ki] = string.sub(data, HEAD + 1)
+      changed[ki] = {}
     end
-    local new = false
-    if not h then
-      new = true; hw[ki] = seq; dirty[ki] = true
-    elseif seq > h then
-      local d = gap(seq, h)
-      if d >= W then clear_span(key, 0, W) else clear_ring(key, (pos - d + 1) % W, d - 1) end
-      new = true; hw[ki] = seq; dirty[ki] = true
-    elseif seq == h then
-      dups = dups + 1
-    elseif gap(h, seq) >= W then
-      stale[#stale + 1] = r - 1
-    elseif redis.call('GETBIT', key, BASE + pos) == 1 then
-      dups = dups + 1
+    local new, check = false, false
+    if not hh then
+      new = true; hwhi[ki] = hi; hwlo[ki] = lo
     else
-      new = true
+      -- exact while |d| < 2^53; past that only its sign and size matter, and both are right
+      local d = (hi - hh) * 1e10 + (lo - hwlo[ki])
+      if d > 0 then
+        -- the window moves up: forget the seqs that leave it (their slots are hw+1 .. seq-1, and seq's own)
+        if d >= W then clear_span(ki, 0, W) else clear_ring(ki, (pos - d + 1) % W, d - 1) end
+        new = true; hwhi[ki] = hi; hwlo[ki] = lo
+      elseif d == 0 then
+        dups = dups + 1
+      elseif -d >= W then
+        stale[#stale + 1] = r - 1
+      else
+        check = true
+      end
+    end
+    if new or check then
+      local bi = floor(pos / 8)
+      local mask = 2 ^ (7 - pos % 8)
+      local v = getbyte(ki, bi)
+      local set = floor(v / mask) % 2 == 1
+      if check and set then
+        dups = dups + 1
+      else
+        new = true
+        if not set then changed[ki][bi] = v + mask end -- set after a move up: seq - W's slot, now reused
+      end
     end
     if new then
-      redis.call('SETBIT', key, BASE + pos, 1)
-      touched[ki] = true
-      fresh[#fresh + 1] = span
+      stored[ki] = true
+      fresh = fresh + 1
+      spans[fresh] = off
+      spans[-fresh] = len
     end
   end
   local id = ''
-  if #fresh == n then
+  if fresh == n then
     id = redis.call('XADD', KEYS[1], '*', field, payload)
-  elseif #fresh > 0 then
+  elseif fresh > 0 then
     local parts = {}
-    for j, at in ipairs(fresh) do
-      local off = tonumber(string.sub(meta, at, at + 6))
-      parts[j] = string.sub(payload, off + 1, off + tonumber(string.sub(meta, at + 7, at + 12)))
-    end
+    for j = 1, fresh do parts[j] = string.sub(payload, spans[j] + 1, spans[j] + spans[-j]) end
     id = redis.call('XADD', KEYS[1], '*', field, '{"readings":[' .. table.concat(parts, ',') .. ']}')
   end
   out[#out + 1] = id
-  out[#out + 1] = #fresh
+  out[#out + 1] = fresh
   out[#out + 1] = dups
   out[#out + 1] = #stale
   for _, x in ipairs(stale) do out[#out + 1] = x end
 end
-for ki, _ in pairs(dirty) do redis.call('SETRANGE', KEYS[ki], 0, hw[ki]) end
-for ki, _ in pairs(touched) do redis.call('PEXPIRE', KEYS[ki], ttl) end
+for ki, _ in pairs(stored) do
+  local key = KEYS[ki]
+  local bytes = changed[ki]
+  local idx = {}
+  for bi, _ in pairs(bytes) do idx[#idx + 1] = bi end
+  table.sort(idx)
+  local i = 1
+  while i <= #idx do
+    local j = i
+    while j < #idx and idx[j + 1] == idx[j] + 1 do j = j + 1 end
+    local run = {}
+    for k = i, j do run[#run + 1] = string.char(bytes[idx[k]]) end
+    redis.call('SETRANGE', key, HEAD + idx[i], table.concat(run))
+    i = j + 1
+  end
+  -- the TTL is refreshed at most hourly: still above 7 days after the last stored reading
+  local since = refreshed[ki]
+  local refresh = since == nil or now - since >= REFRESH
+  if refresh then since = now end
+  redis.call('SETRANGE', key, 0, string.format('%010.0f%010.0f%010d', hwhi[ki], hwlo[ki], since))
+  if refresh then redis.call('PEXPIRE', key, ttl) end
+end
 return out
 """
 
-
 _ENTRY_HEAD: Final = b'{"readings":['
-#: Per reading: key index (4 digits), seq (20, zero-padded so Lua compares strings), ring position (5),
-#: offset (7) and length (6) of its JSON in the message's payload. 42 bytes; the script reads it by position.
-_RECORD: Final = b"%04d%020d%05d%07d%06d"
+_COUNT: Final = struct.Struct(">I")
+#: Per reading: key index, ring position, seq // 1e10 and seq % 1e10 (doubles: exact, and Lua numbers are doubles
+#: so a 63-bit seq cannot travel whole), offset and length of its JSON in the message's payload.
+_RECORD: Final = struct.Struct(">HHddII")
+_SPLIT: Final = 10**10
 
 
 class StoreError(Exception):
@@ -238,8 +285,8 @@ class ReadingStore:
         waitaof: bool = False,
         waitaof_timeout_ms: int = 1000,
     ) -> None:
-        if window <= 0 or window % 8:
-            raise ValueError("window must be a positive multiple of 8")
+        if not 0 < window <= 65_536 or window % 8:
+            raise ValueError("window must be a multiple of 8 up to 65536")
         self.redis = redis
         self.window = window
         self.ttl_ms = ttl_ms
@@ -315,15 +362,16 @@ class ReadingStore:
         return calls
 
     def _call(self, messages: list[MessageWrite]) -> _Call:
-        # A few big arguments instead of four per reading: redis-py packs every argument in Python, which cost
+        # A few big arguments instead of several per reading: redis-py packs every argument in Python, which cost
         # more than the script itself with 200k small arguments per flush.
         key_index: dict[tuple[str, str], int] = {}
         script_keys: list[str] = [keys.READINGS]
         meta: list[bytes] = []
         payloads: list[bytes] = []
         window = self.window
+        pack = _RECORD.pack
         for m in messages:
-            meta.append(b"%05d" % len(m.readings))
+            meta.append(_COUNT.pack(len(m.readings)))
             offset = len(_ENTRY_HEAD)
             for reading in m.readings:
                 ident = (reading.site, reading.sensor_id)
@@ -331,8 +379,10 @@ class ReadingStore:
                 if index is None:
                     script_keys.append(seen_key(*ident))
                     index = key_index[ident] = len(script_keys)
+                seq = reading.seq
                 size = len(reading.json)
-                meta.append(_RECORD % (index, reading.seq, reading.seq % window, offset, size))
+                hi, lo = divmod(seq, _SPLIT)
+                meta.append(pack(index, seq % window, hi, lo, offset, size))
                 offset += size + 1
             payloads.append(_ENTRY_HEAD + b",".join(r.json for r in m.readings) + b"]}")
         argv = [self.window, self.ttl_ms, keys.PAYLOAD_FIELD, b"".join(meta), *payloads]

@@ -4,7 +4,7 @@ VENV := .venv
 UV := $(VENV)/bin/uv
 BIN := $(VENV)/bin
 
-.PHONY: env test lint typecheck pytest demo bench clean
+.PHONY: env test lint typecheck pytest load-ci demo bench clean
 
 # Build the environment from the lock file (uv.lock); uv itself is pinned in the lock too.
 $(VENV)/.synced: uv.lock pyproject.toml
@@ -24,7 +24,12 @@ typecheck: env
 pytest: env
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
-test: lint typecheck pytest
+# The load proof (issue 6): 30 s at 1,000 readings/s through real Mosquitto, Redis and every crew; fails on any
+# loss, duplicate or missed rate, and prints its JSON report.
+load-ci: env
+	$(BIN)/waterdoctor load --self-contained --rate 1000 --duration 30 --strict --report .wd-data/load-ci.json
+
+test: lint typecheck pytest load-ci
 
 demo: env
 	$(BIN)/waterdoctor up

@@ -16,6 +16,7 @@ newer generations fitted elsewhere.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -79,6 +80,8 @@ class AnalyticsHandler:
         self._ready: list[tuple[TrainingWindow, SensorModel | None]] = []
         self._checked: set[tuple[str, str]] = set()
         self._next_refresh = time.monotonic() + config.registry_refresh_s
+        # The bank is not thread-safe: scoring (sometimes in a thread) and installing models take turns.
+        self._bank_lock = asyncio.Lock()
 
     async def __call__(self, entries: Sequence[Entry]) -> Mapping[str, Outcome]:
         outcomes: dict[str, Outcome] = {}
@@ -116,8 +119,17 @@ class AnalyticsHandler:
             ANOMALIES.labels(anomaly["severity"]).inc()
         for entry_id, entry_ops in ops.items():
             outcomes[entry_id] = Ack(entry_ops)
-        self._schedule_refits()
         return outcomes
+
+    async def maintain(self, stop: asyncio.Event, interval_s: float = 0.2) -> None:
+        """Install finished fits and start due ones while no batch arrives (a quiet stream must not stall refits)."""
+        while not stop.is_set():
+            if self._ready or len(self._fits) < self.config.max_refits_in_flight:
+                async with self._bank_lock:
+                    await self._install_ready()
+                    self._schedule_refits()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval_s)
 
     # -- models ----------------------------------------------------------------------------------------------
 
@@ -177,7 +189,8 @@ class AnalyticsHandler:
         """Wait for refits in flight and install them (tests, shutdown)."""
         while self._fits:
             await asyncio.wait(set(self._fits))
-        await self._install_ready()
+        async with self._bank_lock:
+            await self._install_ready()
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -212,8 +225,11 @@ async def run_analytics(
         config=config.worker,
         stop_event=stop,
     )
+    maintenance = asyncio.create_task(handler.maintain(stop), name="analytics-maintenance")
     try:
         await worker.run()
     finally:
+        stop.set()
+        await maintenance
         handler.close()
     return handler

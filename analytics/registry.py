@@ -18,7 +18,7 @@ from handoff import keys
 
 logger = logging.getLogger(__name__)
 
-GENERATIONS_KEY = keys.MODELS_PREFIX + "generations"
+GENERATIONS_KEY = keys.MODEL_GENERATIONS
 
 # KEYS: model key, generations hash; ARGV: field, generation, bytes. Returns 1 when stored.
 _SAVE_LUA = """

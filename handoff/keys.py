@@ -26,7 +26,8 @@ STREAMS: Final = (READINGS, ANOMALIES, QUARANTINE, DEAD)
 #: Private (non-contract) keys, all under one prefix.
 PRIVATE_PREFIX: Final = "wd:_"
 INGEST_SEEN_PREFIX: Final = "wd:_seen:"  # per-sensor dedupe state
-MODELS_PREFIX: Final = "wd:_model:"  # persisted per-sensor models
+MODELS_PREFIX: Final = "wd:_model:"  # persisted per-sensor models: wd:_model:{site}:{sensor_id}
+MODEL_GENERATIONS: Final = "wd:_model:generations"  # hash: "{site}:{sensor_id}" -> stored model generation
 SMS_LEDGER_PREFIX: Final = "wd:_sms:"  # alert_id x phone dispatch records
 CONSUMER_HEARTBEAT_PREFIX: Final = "wd:_hb:"  # liveness of consumers, for retention and claims
 

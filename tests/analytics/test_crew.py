@@ -94,8 +94,11 @@ async def test_spike_after_warmup_is_emitted_once_with_contract_shape(r: aredis.
     await pubsub.subscribe(keys.ALERTS_CHANNEL)
     await push(r, normal_series(300))
     config = small_config()
-    handler = await run_crew_until(r, config, lambda: drained(r))
-    await handler.wait_for_refits()
+
+    async def drained_and_fitted() -> bool:
+        return await drained(r) and await r.hlen(keys.MODEL_GENERATIONS) == 1
+
+    handler = await run_crew_until(r, config, drained_and_fitted)
     assert handler.bank.sensor("plant-1", "s-1").model is not None
     assert await anomalies(r) == []  # normal data: no alert
 

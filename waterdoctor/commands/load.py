@@ -27,6 +27,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--report", type=Path, help="also write the JSON report here")
     p.add_argument("--self-contained", action="store_true", help="start private servers and every crew")
     p.add_argument("--server", choices=("redis", "valkey"), default="redis", help="with --self-contained")
+    p.add_argument("--warmup", type=int, default=300, help="readings per sensor before measuring (0: none)")
+    p.add_argument("--strict", action="store_true", help="also fail on duplicated readings or alert ids")
     p.set_defaults(func=run)
 
 
@@ -36,6 +38,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     cfg = LoadConfig(
         rate=args.rate, duration_s=args.duration, sites=args.sites, sensors=args.sensors, batch=args.batch,
         anomaly_rate=args.anomaly_rate, seed=args.seed, drain_timeout_s=args.drain_timeout, redis_kind=args.server,
+        warmup_readings=args.warmup,
     )  # fmt: skip
     report = run_load(
         cfg,
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         self_contained=args.self_contained,
         progress=lambda msg: print(msg, file=sys.stderr, flush=True),
     )
-    problems = verdict(report, cfg)
+    problems = verdict(report, cfg, strict=args.strict)
     report["passed"] = not problems
     report["problems"] = problems
     text = orjson.dumps(report, option=orjson.OPT_INDENT_2).decode()

@@ -38,9 +38,9 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--sensors", type=int, default=10, help="sensors per site")
-    p.add_argument("--rate", type=float, default=200.0, help="simulated readings/s")
+    p.add_argument("--rate", type=float, default=300.0, help="simulated readings/s")
     p.add_argument("--batch", type=int, default=10, help="readings per gateway message (1: single readings)")
-    p.add_argument("--anomaly-rate", type=float, default=0.002)
+    p.add_argument("--anomaly-rate", type=float, default=0.01, help="share of readings in anomaly episodes")
     p.add_argument(
         "--duration", type=float, default=0.0, help="stop after this many seconds (0: until Ctrl-C)"
     )
@@ -151,6 +151,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         redis_url=settings.redis_url,
         mqtt_url=settings.mqtt_url,
         metrics_ports=DEFAULT_METRICS_PORTS,
+        # A demo should show alerts within a minute: models after 100 readings per sensor, not 200.
+        crew_args={"analytics": ["--warmup", "100"]},
     )
     stop = False
 
@@ -197,7 +199,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                     live.update(render(snap, crews, sms_lines))
                 else:
                     logger.info(
-                        "readings=%s anomalies=%s crews=%s",
+                        "reading entries=%s anomalies=%s crews=%s",
                         snap["streams"].get(keys.READINGS, {}).get("length", 0),
                         snap["streams"].get(keys.ANOMALIES, {}).get("length", 0),
                         crews,

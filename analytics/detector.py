@@ -354,6 +354,14 @@ class SensorDetector:
                     self._accept(values[i : i + 1])
             return out
 
+        if (
+            len(rows) == 1
+            and not hard[0]
+            and not gap_rows[0]
+            and self._one_is_normal(values[0], runs[0], model)
+        ):
+            return []  # the common live case: one normal reading of this sensor in the batch
+
         mcols = self._model_cols
         mvals = values[:, mcols]
         stuck_limit = model.stuck_run_
@@ -436,6 +444,41 @@ class SensorDetector:
             start = i + 1
             horizon = self.config.max_replay
         return out
+
+    def _one_is_normal(self, row: F64, runs: NDArray[np.int64], model: SensorModel) -> bool:
+        """Fast path for a lone reading: score it and, if it is normal, accept it. False: use the general path.
+
+        Gives exactly the general path's result (same baseline, same score); it only skips the bookkeeping that
+        batches, missing values, pending rules and slow features need.
+        """
+        h = model.baseline_window
+        if self._return_pending is not None or model.slow_alpha > 0 or h > self._hist.shape[0]:
+            return False
+        mcols = self._model_cols
+        x = row[mcols]
+        hist = self._hist[-h:, mcols]
+        if np.isnan(x).any() or np.isnan(hist[-1]).any():
+            return False
+        if ((runs[mcols] >= model.stuck_run_) & (model.stuck_run_ > 0)).any():
+            return False
+        base = np.partition(hist, h // 2, axis=0)[h // 2] if h % 2 else np.median(hist, axis=0)
+        if model.score_row((x - base) / model.fast_scale_) >= model.threshold_:
+            return False
+        # Accept: ring buffer, then shift the baseline history by one row (forward-filling missing metrics).
+        cap = self.config.window
+        self._buffer[self._buf_pos] = row
+        self._buf_pos = (self._buf_pos + 1) % cap
+        self._buf_len = min(cap, self._buf_len + 1)
+        self._accepted_since_fit += 1
+        last = self._hist[-1]
+        new = np.where(np.isnan(row), last, row)
+        self._hist[:-1] = self._hist[1:]
+        self._hist[-1] = new
+        never = np.isnan(last) & ~np.isnan(row)
+        if never.any():
+            self._hist[:, never] = row[never]
+        self.consecutive_flags = 0
+        return True
 
     def _accept(self, values: F64) -> None:
         """Add accepted readings to the ring buffer and move the baselines (every registry column)."""
@@ -663,12 +706,15 @@ class DetectorBank:
 def _history_update(history: F64, values: F64) -> F64:
     """The last ``h`` rows of ``history`` followed by ``values`` (forward-filled); a new column starts full."""
     h = history.shape[0]
-    present = ~np.isnan(values)
-    first_row = present.argmax(axis=0)
-    first_val = np.where(present.any(axis=0), values[first_row, np.arange(values.shape[1])], np.nan)
     never = np.isnan(history[-1])
-    hist = np.where(never[None, :], first_val[None, :], history)
-    filled = forward_fill(values, hist[-1])
+    if not never.any() and not np.isnan(values).any():  # the common case, without the bookkeeping
+        filled, hist = values, history
+    else:
+        present = ~np.isnan(values)
+        first_row = present.argmax(axis=0)
+        first_val = np.where(present.any(axis=0), values[first_row, np.arange(values.shape[1])], np.nan)
+        hist = np.where(never[None, :], first_val[None, :], history)
+        filled = forward_fill(values, hist[-1])
     out: F64 = np.concatenate([hist, filled], axis=0)[-h:]
     return out
 

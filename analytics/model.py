@@ -137,19 +137,18 @@ def median_baselines(values: F64, history: F64) -> tuple[F64, F64]:
     stacked = np.concatenate([history, values], axis=0)
     if n == 0:
         return np.empty((0, k)), stacked[-h:].copy()
-    windows = np.lib.stride_tricks.sliding_window_view(stacked, h, axis=0)[:n]  # (n, k, h)
-    before: F64 = np.median(windows, axis=-1)
+    # Windows from h shifted views (cheaper than sliding_window_view for the few rows of a live batch).
+    windows = np.stack([stacked[i : i + n] for i in range(h)], axis=-1)  # (n, k, h)
+    mid = h // 2
+    before: F64 = np.partition(windows, mid, axis=-1)[..., mid] if h % 2 else np.median(windows, axis=-1)
     return before, stacked[-h:].copy()
 
 
 def forward_fill(values: F64, first: F64) -> F64:
     """Replace NaN by the last finite value above it in the same column (``first`` before row 0)."""
-    v = np.array(values, dtype=np.float64, copy=True)
-    if v.size == 0:
-        return v
-    mask = np.isnan(v)
-    if not mask.any():
-        return v
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0 or not np.isnan(v).any():
+        return v  # callers never write to the result, so no copy
     v = np.vstack([first[None, :], v])
     mask = np.isnan(v)
     idx = np.where(~mask, np.arange(v.shape[0])[:, None], 0)
@@ -180,6 +179,8 @@ class SensorModel:
         trim_z: training readings with a residual beyond this many spreads are left out of the forest and the
             envelope (faults that slipped into the window during warm-up).
         min_train: fewest training readings accepted by :meth:`fit`.
+        keep_estimator: keep the fitted scikit-learn forest in ``estimator_`` (about 1 MB per model; off by
+            default: scoring needs only the compiled arrays, and a crew holds one model per sensor).
     """
 
     def __init__(
@@ -202,6 +203,7 @@ class SensorModel:
         stuck_min_run: int = 4,
         trim_z: float = 10.0,
         min_train: int = 32,
+        keep_estimator: bool = False,
     ) -> None:
         self.n_estimators = n_estimators
         self.max_samples = max_samples
@@ -220,6 +222,7 @@ class SensorModel:
         self.stuck_min_run = stuck_min_run
         self.trim_z = trim_z
         self.min_train = min_train
+        self.keep_estimator = keep_estimator
 
     _PARAM_NAMES = (
         "n_estimators",
@@ -239,6 +242,7 @@ class SensorModel:
         "stuck_min_run",
         "trim_z",
         "min_train",
+        "keep_estimator",
     )
 
     # fitted attributes (declared for mypy; set by fit / from_bytes)
@@ -359,8 +363,8 @@ class SensorModel:
             bootstrap=self.bootstrap,
             random_state=self.random_state,
         ).fit(Z)
-        self.estimator_ = est
         self.forest_ = CompiledForest.from_sklearn(est)
+        self.estimator_ = est if self.keep_estimator else None
         train = self.forest_.score(Z)  # inside the envelope by definition: the plain forest score
         q = float(np.quantile(train, self.threshold_quantile))
         med = float(np.median(train))
@@ -436,6 +440,13 @@ class SensorModel:
         excess = self.envelope_excess(z).max(axis=1) if z.shape[0] else np.zeros(0)
         out: F64 = s + (1.0 - s) * -np.expm1(-excess / self.envelope_scale)
         return out
+
+    def score_row(self, z: F64) -> float:
+        """:meth:`score_features` of one feature row (1-D), with less per-call overhead."""
+        s = self.forest_.score_row(z)
+        g = self.envelope_guard
+        over = max(float(np.max(z - (self.feature_hi_ + g))), float(np.max((self.feature_lo_ - g) - z)), 0.0)
+        return s + (1.0 - s) * -math.expm1(-over / self.envelope_scale)
 
     def envelope_excess(self, z: F64) -> F64:
         """Per feature: how many spreads beyond ``training extreme + envelope_guard`` (0 inside); shape of ``z``."""
@@ -552,7 +563,8 @@ class SensorModel:
             meta_json=np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8),
         )
         buf = io.BytesIO()
-        np.savez(buf, **arrays)  # type: ignore[arg-type]
+        # Compressed: the padded tree layout repeats leaf values, so models shrink about 4x in the registry.
+        np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
         return buf.getvalue()
 
     @classmethod

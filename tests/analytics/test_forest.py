@@ -210,6 +210,7 @@ def test_bad_input_shapes_and_corrupt_arrays_are_refused() -> None:
     arrays["feature"][0] = 3
     with pytest.raises(ValueError, match="feature index"):
         CompiledForest.from_arrays(arrays, meta)
+    arrays["feature"][0] = 0
     with pytest.raises(ValueError, match="do not match"):
         CompiledForest.from_arrays(arrays, {**meta, "depth": meta["depth"] + 1})
     with pytest.raises(ValueError, match="not a fitted"):

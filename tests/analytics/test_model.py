@@ -43,7 +43,7 @@ def live_scores(model: SensorModel, values: NDArray[np.float64], history: NDArra
 
 @pytest.fixture(scope="module")
 def fitted() -> SensorModel:
-    return SensorModel(random_state=0).fit(as_dicts(normal_readings(2000, seed=1)))
+    return SensorModel(random_state=0, keep_estimator=True).fit(as_dicts(normal_readings(2000, seed=1)))
 
 
 def test_init_stores_parameters_only_and_fit_sets_trailing_underscore_attributes() -> None:
@@ -61,6 +61,7 @@ def test_init_stores_parameters_only_and_fit_sets_trailing_underscore_attributes
     assert m.metrics_ == tuple(METRICS)
     assert 0.5 < m.threshold_ < m.critical_threshold_ < 1.0
     assert m.model_version_.startswith("if-")
+    assert m.estimator_ is None, "the sklearn forest (~1 MB) is dropped unless keep_estimator=True"
 
 
 def test_same_random_state_same_model() -> None:

@@ -119,6 +119,7 @@ class IngestCrew:
         self._wake = asyncio.Event()
         self._full = asyncio.Event()
         self._resume = asyncio.Event()
+        self._failure: BaseException | None = None
 
     # --- main loop ---------------------------------------------------------------------------------------------
 
@@ -175,24 +176,55 @@ class IngestCrew:
     async def _loop(self, intake: MqttIntake, store: ReadingStore, stop: asyncio.Event) -> None:
         batch_size = self.config.batch_size
         flush_s = self.config.flush_ms / 1000
-        while not stop.is_set():
-            if self.backpressure:
-                self._resume.clear()
-                await self._resume.wait()
-                continue
-            self._wake.clear()
-            if intake.held() == 0:
-                await self._wake.wait()
-                continue
-            if intake.held() < batch_size:
-                # Give the batch a few milliseconds to fill: one round trip then carries many messages.
-                self._full.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(flush_s):
-                        await self._full.wait()
-            batch = intake.take(batch_size)
-            if batch and not await self._flush(batch, intake, store, stop):
-                return  # stopped while Redis was down: leave the batch unacknowledged
+        # Up to two flushes overlap: while one waits for Redis (which runs the script on another core), the next
+        # batch is validated here. Writes go through one lock, in order, so Redis applies flushes in arrival order.
+        inflight: set[asyncio.Task[bool]] = set()
+        write_lock = asyncio.Lock()
+        try:
+            while not stop.is_set() and self._failure is None:
+                if self.backpressure:
+                    self._resume.clear()
+                    await self._resume.wait()
+                    continue
+                self._wake.clear()
+                if intake.held() == 0:
+                    await self._wake.wait()
+                    continue
+                if intake.held() < batch_size:
+                    # Give the batch a few milliseconds to fill: one round trip then carries many messages.
+                    self._full.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(flush_s):
+                            await self._full.wait()
+                batch = intake.take(batch_size)
+                if not batch:
+                    continue
+                started = time.perf_counter()
+                writes, quarantine = self._prepare(batch)
+                while len(inflight) >= 2:
+                    done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                    if not all(t.result() for t in done):
+                        return  # stopped while Redis was down: the batches in hand stay unacknowledged
+                task = asyncio.create_task(
+                    self._flush(batch, writes, quarantine, started, intake, store, write_lock, stop),
+                    name="ingest-flush",
+                )
+                inflight.add(task)
+                task.add_done_callback(inflight.discard)
+                task.add_done_callback(self._check_flush)
+                if self._failure is not None:
+                    raise self._failure
+        finally:
+            if inflight:
+                await asyncio.wait(inflight)
+        if self._failure is not None:
+            raise self._failure
+
+    def _check_flush(self, task: asyncio.Task[bool]) -> None:
+        # A flush that raised is a bug: surface it from the loop instead of losing it with the task.
+        if not task.cancelled() and task.exception() is not None:
+            self._failure = task.exception()
+            self._wake.set()
 
     def _notify(self, loop: asyncio.AbstractEventLoop, count: int) -> None:
         """From paho's thread: wake the flusher (only on the first message and when a batch is full)."""
@@ -266,34 +298,40 @@ class IngestCrew:
         return writes, quarantine
 
     async def _flush(
-        self, batch: list[Incoming], intake: MqttIntake, store: ReadingStore, stop: asyncio.Event
+        self,
+        batch: list[Incoming],
+        writes: list[MessageWrite],
+        quarantine: list[Quarantine],
+        started: float,
+        intake: MqttIntake,
+        store: ReadingStore,
+        write_lock: asyncio.Lock,
+        stop: asyncio.Event,
     ) -> bool:
-        """Validate, write (retrying while Redis is down), acknowledge. False: stopped before the write landed."""
-        started = time.perf_counter()
-        writes, quarantine = self._prepare(batch)
+        """Write (retrying while Redis is down), then acknowledge. False: stopped before the write landed."""
         reasons: Counter[str] = Counter(q.reason for q in quarantine)
         delay = 0.05
         failing_since: float | None = None
-        while True:
-            try:
-                await store.write(writes, quarantine)
-                break
-            except StoreError as exc:
-                self.stats.redis_errors += 1
-                metrics.REDIS_ERRORS.inc()
-                now = time.monotonic()
-                if failing_since is None:
-                    failing_since = now
-                    logger.warning(
-                        "redis write failed (%s): holding %d messages unacknowledged", exc, len(batch)
-                    )
-                if stop.is_set():
-                    logger.warning(
-                        "stopping while redis is down: %d messages left unacknowledged", len(batch)
-                    )
-                    return False
-                await self._sleep(delay, stop)
-                delay = min(delay * 2, 5.0)
+        async with write_lock:
+            while True:
+                try:
+                    await store.write(writes, quarantine)
+                    break
+                except StoreError as exc:
+                    self.stats.redis_errors += 1
+                    metrics.REDIS_ERRORS.inc()
+                    if failing_since is None:
+                        failing_since = time.monotonic()
+                        logger.warning(
+                            "redis write failed (%s): holding %d messages unacknowledged", exc, len(batch)
+                        )
+                    if stop.is_set():
+                        logger.warning(
+                            "stopping while redis is down: %d messages left unacknowledged", len(batch)
+                        )
+                        return False
+                    await self._sleep(delay, stop)
+                    delay = min(delay * 2, 5.0)
         if failing_since is not None:
             logger.info("redis writes recovered after %.1f s", time.monotonic() - failing_since)
         acked, skipped = intake.ack(batch)

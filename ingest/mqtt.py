@@ -132,7 +132,7 @@ class MqttIntake:
     def _jitter_reconnect(client: mqtt.Client) -> None:
         # paho doubles the delay from min_delay up to max_delay after each failed attempt; a random start per
         # outage spreads the reconnects of many ingest processes after a broker restart.
-        client.reconnect_delay_set(min_delay=random.uniform(0.2, 1.0), max_delay=10)  # type: ignore[arg-type]
+        client.reconnect_delay_set(min_delay=random.uniform(0.2, 1.0), max_delay=5)  # type: ignore[arg-type]
 
     def start(self) -> None:
         """Connect in the background (retrying with backoff until it works) and start paho's network thread."""

@@ -38,11 +38,11 @@ async def running(redis_url: str, mqtt_url: str, **overrides: Any) -> AsyncItera
         await asyncio.wait_for(task, 20)
 
 
-async def wait_for(predicate: Any, timeout: float = 15.0) -> None:
+async def wait_for(predicate: Any, timeout: float = 15.0, what: Any = None) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
+            raise AssertionError(f"condition not reached in {timeout}s" + (f": {what()}" if what else ""))
         await asyncio.sleep(0.05)
 
 
@@ -195,7 +195,15 @@ async def test_broker_restart_loses_no_acknowledged_reading(redis_only_url: str,
             broker.start()
             await wait_for(lambda: crew.intake is not None and crew.intake.connected, timeout=20)
             await asyncio.to_thread(publish, broker.url, [_single("s", i, now) for i in range(300, 600)])
-            await wait_for(lambda: len(stored_readings(redis_only_url)) >= 600, timeout=30)
+            await wait_for(
+                lambda: len(stored_readings(redis_only_url)) >= 600,
+                timeout=30,
+                what=lambda: (
+                    sorted(set(range(600)) - {x["seq"] for x in stored_readings(redis_only_url)})[:20],
+                    crew.stats,
+                    crew.intake and (crew.intake.connected, crew.intake.held()),
+                ),
+            )
     finally:
         broker.close()
     assert sorted(x["seq"] for x in stored_readings(redis_only_url)) == list(range(600))

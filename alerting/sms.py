@@ -237,7 +237,8 @@ class TwilioSender:
         self.http_client = RebasedHttpClient(
             base_url, read_timeout=read_timeout, connect_timeout=connect_timeout, pool_size=pool_size
         )
-        # environment={} keeps TWILIO_EDGE/TWILIO_REGION out: they would rewrite hosts we already rewrite.
+        # Our own environment mapping keeps TWILIO_EDGE/TWILIO_REGION out (they would rewrite the host we already
+        # rewrite); it must be non-empty, since the client falls back to os.environ for an empty one.
         self._client = Client(account_sid, token, http_client=self.http_client, environment={"WD": "1"})
         self._messages = self._client.messages
         self._from = from_number
@@ -262,6 +263,10 @@ class TwilioSender:
             if isinstance(status, int):
                 return self._classify(status, getattr(exc, "code", None), cap)
             # A 2xx with a body the client could not read: it was taken, but we have no sid.
+            return SendResult(Outcome.UNKNOWN, status=cap.status, reason=f"client:{type(exc).__name__}")
+        except Exception as exc:
+            # Anything else after the request went out (e.g. an unreadable answer): we cannot tell, never resend.
+            logger.warning("unexpected %s while sending; outcome unknown", type(exc).__name__)
             return SendResult(Outcome.UNKNOWN, status=cap.status, reason=f"client:{type(exc).__name__}")
         finally:
             _capture.reset(token)

@@ -267,7 +267,10 @@ def main() -> int:
     args = p.parse_args()
     runs = []
     for i in range(args.runs):
+        load_before = os.getloadavg()[0]
         res = asyncio.run(one_run(i, args.quick))
+        # Other work on the machine skews everything here; keep the 1-minute load next to each run.
+        res["loadavg_1m_before"], res["loadavg_1m_after"] = load_before, os.getloadavg()[0]
         print(f"run {i + 1}: " + ", ".join(f"{k}={v:.1f}" for k, v in res.items()), flush=True)
         runs.append(res)
     print(

@@ -141,17 +141,17 @@ class IngestCrew:
             asyncio.create_task(self._watch_pressure(redis, stop), name="ingest-pressure"),
             asyncio.create_task(self._watch_ready(intake, stop), name="ingest-ready"),
         ]
-        await self._prepare_store(store, stop)
-        intake.start()
-        logger.info(
-            "ingest %s: batch %d, flush %.1f ms, receive maximum %d, device rate %s/s",
-            cfg.client_id,
-            cfg.batch_size,
-            cfg.flush_ms,
-            cfg.receive_maximum,
-            cfg.device_rate or "unlimited",
-        )
         try:
+            await self._prepare_store(store, stop)
+            intake.start()
+            logger.info(
+                "ingest %s: batch %d, flush %.1f ms, receive maximum %d, device rate %s/s",
+                cfg.client_id,
+                cfg.batch_size,
+                cfg.flush_ms,
+                cfg.receive_maximum,
+                cfg.device_rate or "unlimited",
+            )
             await self._loop(intake, store, stop)
             intake.stop_accepting()
             rest = intake.take(1 << 30)

@@ -12,6 +12,9 @@ Time runs from the first publish to the last message counted (bare) or stored (i
 
 Validation (``validate``): microseconds per reading for the reference pydantic models, a hand-written validator
 and the hybrid ingest uses, on one realistic reading and on a gateway batch of 100.
+
+Script (``script``): server time of the dedupe-and-append script per reading (``INFO commandstats``) on Redis 7.0
+and Valkey 8, and the client CPU spent packing and sending it.
 """
 
 from __future__ import annotations
@@ -297,6 +300,51 @@ def validate(args: argparse.Namespace) -> None:
     print(f"| ingest reason finder (only for refused messages) | - | {best_us(slow_path_batch, 100):.2f} |")
 
 
+# --- server-side cost of the dedupe-and-append script ---------------------------------------------------------
+
+
+def script(args: argparse.Namespace) -> None:
+    import asyncio
+
+    import redis.asyncio as aredis
+
+    from ingest.store import MessageWrite, ReadingStore
+    from ingest.validate import validate_message
+
+    now_ms = int(time.time() * 1000)
+    print(
+        "| server | readings per message | us per reading (server, EVALSHA usec / readings) | client us per reading |"
+    )
+    print("|---|---|---|---|")
+    for kind in ("redis", "valkey"):
+        for batch, count in ((1, 20_000), (100, 400)):
+            results = [validate_message(t, p, now_ms) for t, p in make_messages(count, batch, time.time())]
+
+            async def run(url: str, results: list[Any] = results) -> tuple[float, float]:
+                r = aredis.Redis.from_url(url)
+                store = ReadingStore(r)
+                await store.prepare()
+                await r.config_resetstat()
+                cpu = 0.0
+                for i in range(0, len(results), 500):
+                    writes = [MessageWrite(x.topic, now_ms, x.readings) for x in results[i : i + 500]]
+                    started = time.process_time()
+                    await store.write(writes, [])
+                    cpu += time.process_time() - started
+                stats = await r.info("commandstats")
+                await r.aclose()
+                readings = sum(len(x.readings) for x in results)
+                return stats["cmdstat_evalsha"]["usec"] / readings, cpu * 1e6 / readings
+
+            best = None
+            for _ in range(args.runs):
+                with RedisServer(kind) as server:
+                    got = asyncio.run(run(server.url))
+                best = got if best is None or got[0] < best[0] else best
+            assert best is not None
+            print(f"| {kind} | {batch} | {best[0]:.2f} | {best[1]:.2f} |")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_bare":
         bare_main(sys.argv[2], int(sys.argv[3]))
@@ -319,9 +367,13 @@ def main() -> None:
     va.add_argument(
         "--ts", choices=("rfc3339", "epoch"), default="rfc3339", help="form of ts in the payloads"
     )
+    sc = sub.add_parser("script")
+    sc.add_argument("--runs", type=int, default=3)
     args = parser.parse_args(sys.argv[1:] or ["throughput"])
     if args.what == "validate":
         validate(args)
+    elif args.what == "script":
+        script(args)
     else:
         throughput(args)
 

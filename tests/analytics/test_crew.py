@@ -173,11 +173,17 @@ def faulty_fleet(n_sensors: int, per_sensor: int, seed: int) -> list[dict[str, A
 async def test_two_processes_split_the_stream_and_score_each_reading_once(redis_only_url: str) -> None:
     r = aredis.Redis.from_url(redis_only_url)
     data = faulty_fleet(20, 400, seed=1)
-    await push(r, data)
     ports = [free_port(), free_port()]
     procs = [spawn(redis_only_url, f"a-{i}", ports[i]) for i in range(2)]
     try:
         async with asyncio.timeout(60):
+            while True:  # both members are up before any work arrives
+                try:
+                    [acked_by(p) for p in ports]
+                    break
+                except OSError:
+                    await asyncio.sleep(0.2)
+            await push(r, data)
             while not await drained(r):
                 await asyncio.sleep(0.2)
         shares = [acked_by(p) for p in ports]

@@ -93,7 +93,7 @@ _KNOWN_CACHE_MAX: Final = 100_000
 _good_idents: set[str] = set()
 _good_metrics: set[str] = set()
 _good_topics: dict[str, tuple[str, str, str]] = {}
-_days: dict[str, int] = {}  # "YYYY-MM-DD" (validated) -> epoch ms of its midnight UTC
+_minutes: dict[str, int] = {}  # "YYYY-MM-DDTHH:MM" (validated, UTC) -> epoch ms of that minute
 
 
 @with_config(ConfigDict(extra="ignore", allow_inf_nan=False, strict=True))
@@ -203,26 +203,28 @@ def _ts_ms(ts: object) -> int:
     kind = type(ts)
     if kind is str:
         assert isinstance(ts, str)
+        if len(ts) == 24 and ts[23] == "Z" and ts[19] == "." and ts[16] == ":":
+            # The usual form, "YYYY-MM-DDTHH:MM:SS.mmmZ": the minute was validated when first seen (below) and is
+            # remembered; only seconds and milliseconds are read here. Several times faster than the general path.
+            minute = _minutes.get(ts[:16])
+            if minute is not None:
+                tail = ts[17:19] + ts[20:23]
+                if tail.isdigit() and tail.isascii() and tail < "60000":
+                    return minute + int(tail)
         if len(ts) > 40 or _RFC3339.fullmatch(ts) is None:
             raise _Bad("schema", f"ts {_short(ts)} is not RFC 3339 with an offset")
-        if ts[-1] == "Z":
-            # The usual form (UTC, Z): the regex fixed every position, so slice; the date is validated once and
-            # remembered. About twice as fast as fromisoformat plus timedelta arithmetic.
-            day = _days.get(ts[:10])
-            hour, minute, second = int(ts[11:13]), int(ts[14:16]), int(ts[17:19])
-            if day is not None and hour < 24 and minute < 60 and second < 60:
-                millis = int(ts[20:-1][:3].ljust(3, "0")) if ts[19] == "." else 0
-                return day + ((hour * 60 + minute) * 60 + second) * 1000 + millis
         # fromisoformat (3.11) takes 1-9 fraction digits and a space, but only upper-case T and Z.
         text = ts.upper() if ("t" in ts or "z" in ts) else ts
         try:
             moment = datetime.fromisoformat(text)
         except ValueError:
             raise _Bad("schema", f"ts {_short(ts)} is not a valid date and time") from None
-        if ts[-1] == "Z" and len(_days) < _KNOWN_CACHE_MAX:
-            _days[ts[:10]] = (moment.replace(hour=0, minute=0, second=0, microsecond=0) - _EPOCH) // _ONE_MS
-        # Integer timedelta arithmetic: exact (timestamp() goes through a float), floored to milliseconds.
-        return (moment - _EPOCH) // _ONE_MS
+        ms = (moment - _EPOCH) // _ONE_MS
+        if len(ts) == 24 and ts[23] == "Z" and ts[19] == ".":
+            if len(_minutes) >= _KNOWN_CACHE_MAX:
+                _minutes.clear()
+            _minutes[ts[:16]] = ms - int(ts[17:19] + ts[20:23])
+        return ms
     if kind is int or kind is float:
         assert isinstance(ts, int | float)
         try:

@@ -10,8 +10,11 @@ message in one call into plain dicts through pydantic-core (a ``TypedDict`` buil
 the reference models: no model instances), then checks in Python what the models do not (topic match, RFC 3339,
 clock window) and serializes with orjson. Only a message that pydantic refuses goes through the hand-written
 checks below, whose job is to name the contract's reason code (and, in a batch, to find which readings are bad).
-Measured on realistic payloads this beats both the reference models and a pure hand-written validator
-(benchmarks/RESULTS.md, "Ingest"); a hypothesis test keeps the hand-written checks in agreement with the models.
+Measured (benchmarks/RESULTS.md, "Ingest"): per reading of a gateway batch it takes 5-15% less CPU than the
+reference models plus the same normalization and 20-25% less than a pure hand-written validator; per single
+message the three are within a few percent, a small share of what paho spends receiving it. Timestamps cost as
+much as the rest, so the usual RFC 3339 form has a fast path. A hypothesis test keeps the hand-written checks in
+agreement with the models.
 
 Parsing: orjson refuses ``NaN``/``Infinity`` literals and numbers that overflow a double (``1e309``). Those are
 well-formed to a user's eye and break the "finite numbers" rule, so on an orjson error the payload is parsed again

@@ -4,7 +4,9 @@ A :class:`~waterdoctor.supervisor.Pipeline` runs every crew as its own process o
 embedded Valkey and Mosquitto; a private ``prometheus`` (own TSDB in ``tmp_path``, free port, 1 s scrapes) scrapes
 them. Known traffic goes in over MQTT (readings, two pH 15 readings that must become critical anomalies and dry-run
 SMS, a repeat, two malformed messages), and every contract series is read back through ``/api/v1/query`` and
-compared with what Redis holds. At the end every crew must exit 0 on SIGTERM.
+compared with what Redis holds. The deployed alert rules (deploy/rules.yml) are loaded too: they must evaluate
+without error and stay silent on the healthy pipeline. Then one malformed readings entry must be counted in
+``wd_dead_letters_total``. At the end every crew must exit 0 on SIGTERM.
 
 Prometheus comes from Debian's ``prometheus`` package: ``scripts/ensure-prometheus.sh`` installs it. Without it
 these tests fail (they do not skip): a metrics contract that was never scraped is not proven.
@@ -359,7 +361,7 @@ def test_contract_metrics_scraped_by_real_prometheus(tmp_path: Path, monkeypatch
             publish(pipeline.mqtt_url, messages, client_id="wd-traffic")
             published_ms = time.time() * 1000
 
-            # Quiet: everything stored, analytics and alerting caught up, both SMS printed.
+            # Quiet: everything stored and quarantined, analytics and alerting caught up on their streams.
             deadline = time.monotonic() + SERIES_TIMEOUT_S
             while not (
                 len(stored(r)) == n_readings + canaries
@@ -490,6 +492,27 @@ def test_contract_metrics_scraped_by_real_prometheus(tmp_path: Path, monkeypatch
             assert all(h == "ok" for h, _ in health.values()), health
             firing = [a for a in prom.api("alerts")["alerts"] if a["state"] == "firing"]
             assert not firing, firing
+
+            # A malformed entry on the readings stream: analytics dead-letters it at once (a permanent failure).
+            dead_sel = f'{{stream="{keys.READINGS}",group="{keys.GROUP_ANALYTICS}"}}'
+            preinitialised = bool(prom.query(f"wd_dead_letters_total{dead_sel}"))
+            r.xadd(keys.READINGS, {keys.PAYLOAD_FIELD: b"not json"})
+            prom.wait(
+                f"wd_dead_letters_total{dead_sel}",
+                lambda s: by_crew(s) == {"analytics": 1},
+                f"wd_dead_letters_total{dead_sel} == 1",
+            )
+            assert int(r.xlen(keys.DEAD)) == 1
+            if preinitialised:
+                # With the series at 0 before, increase() sees the step and the deployed alert fires. Without
+                # it (a series that first appears at 1), increase() sees no change and the first dead letters
+                # go unnoticed: why the label sets should be pre-initialised.
+                prom.wait(
+                    'ALERTS{alertname="WaterDoctorDeadLetters",alertstate="firing"}',
+                    bool,
+                    "WaterDoctorDeadLetters fires on the first dead letter",
+                    timeout_s=10,
+                )
 
             assert not pipeline.check(), f"crews exited: {pipeline.check()}\n{crew_logs(pipeline)}"
             r.close()

@@ -252,6 +252,9 @@ class MosquittoBroker(_ChildServer):
                     "persistent_client_expiration 1d",
                     "log_type error",
                     "log_type warning",
+                    # Started as root, mosquitto switches to the `mosquitto` user, which cannot write our data dir:
+                    # it then never saves mosquitto.db and sessions vanish on restart. Stay as the starting user.
+                    *(["user root"] if os.geteuid() == 0 else []),
                     "",
                 ]
             )

@@ -88,7 +88,11 @@ def bare_main(url: str, count: int) -> None:
     def on_connect(client: mqtt.Client, *_: Any) -> None:
         client.subscribe([("$share/bench/wd/+/+/telemetry", 1), ("$share/bench/wd/+/+/batch", 1)])
 
+    cpu0 = 0.0
+
     def on_subscribe(*_: Any) -> None:
+        nonlocal cpu0
+        cpu0 = time.process_time()
         print("ready", flush=True)
 
     def on_message(client: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
@@ -111,12 +115,24 @@ def bare_main(url: str, count: int) -> None:
     client.connect(ep.host, ep.port, clean_start=False, properties=props)
     client.loop_start()
     done.wait(600)
-    print(f"done {got} {last:.6f}", flush=True)
+    print(f"done {got} {last:.6f} {time.process_time() - cpu0:.6f}", flush=True)
     client.disconnect()
     client.loop_stop()
 
 
-def run_bare(broker: MosquittoBroker, messages: list[tuple[str, bytes]]) -> float:
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def redis_cpu_s(r: redis.Redis) -> float:
+    info = r.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def run_bare(broker: MosquittoBroker, messages: list[tuple[str, bytes]]) -> tuple[float, float]:
+    """(seconds from first publish to last message received, subscriber CPU seconds)."""
     proc = subprocess.Popen(
         [sys.executable, __file__, "_bare", broker.url, str(len(messages))], stdout=subprocess.PIPE, text=True
     )
@@ -130,7 +146,7 @@ def run_bare(broker: MosquittoBroker, messages: list[tuple[str, bytes]]) -> floa
     pub.close()
     line = proc.stdout.readline().split()
     proc.wait(30)
-    return float(line[2]) - start
+    return float(line[2]) - start, float(line[3])
 
 
 def run_ingest(
@@ -140,6 +156,7 @@ def run_ingest(
     readings: int,
     extra: list[str],
 ) -> tuple[float, dict[str, Any]]:
+    """(seconds from first publish to last reading stored, CPU seconds of ingest, Redis and the broker)."""
     env = {**os.environ, "WD_REDIS_URL": server.url, "WD_MQTT_URL": broker.url}
     log = open(server.data_dir / "ingest.log", "w+")  # noqa: SIM115
     proc = subprocess.Popen(
@@ -148,8 +165,9 @@ def run_ingest(
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
     )  # fmt: skip
     r = redis.Redis.from_url(server.url)
+    assert broker.proc is not None
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         while "connected to mqtt" not in (server.data_dir / "ingest.log").read_text():
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError("ingest did not connect")
@@ -157,6 +175,7 @@ def run_ingest(
         time.sleep(0.3)  # SUBACK
         packets = packets_for(messages)
         pub = FastPublisher(broker.url, "bench-pub-ingest")
+        cpu0 = (proc_cpu_s(proc.pid), redis_cpu_s(r), proc_cpu_s(broker.proc.pid))
         start = time.time()
         pub.publish_all(packets)
         pub.close()
@@ -166,7 +185,14 @@ def run_ingest(
                 raise RuntimeError("ingest did not store everything")
             time.sleep(0.005)
         elapsed = time.time() - start
-        info = {"entries": r.xlen(keys.READINGS), "quarantine": r.xlen(keys.QUARANTINE)}
+        cpu1 = (proc_cpu_s(proc.pid), redis_cpu_s(r), proc_cpu_s(broker.proc.pid))
+        info = {
+            "entries": r.xlen(keys.READINGS),
+            "quarantine": r.xlen(keys.QUARANTINE),
+            "cpu_ingest": cpu1[0] - cpu0[0],
+            "cpu_redis": cpu1[1] - cpu0[1],
+            "cpu_broker": cpu1[2] - cpu0[2],
+        }
     finally:
         proc.terminate()
         proc.wait(30)
@@ -180,27 +206,44 @@ def throughput(args: argparse.Namespace) -> None:
     for label, count, batch in (("single", args.single, 1), ("batch100", args.batches, 100)):
         if label not in args.modes:
             continue
-        bare_rates, ingest_rates = [], []
+        runs: list[dict[str, float]] = []
         for run in range(args.runs):
             messages = make_messages(count, batch, time.time())
+            load = os.getloadavg()[0]
             with MosquittoBroker() as broker, RedisServer(args.server) as server:
-                bare_s = run_bare(broker, messages)
+                bare_s, bare_cpu = run_bare(broker, messages)
                 ingest_s, info = run_ingest(broker, server, messages, count * batch, args.ingest_args)
-            bare_rates.append(count / bare_s)
-            ingest_rates.append(count / ingest_s)
+            n = count * batch
+            runs.append({
+                "bare": count / bare_s, "ingest": count / ingest_s, "load": load,
+                "bare_cpu_us": bare_cpu / count * 1e6,
+                "ingest_cpu_us": info["cpu_ingest"] / n * 1e6,
+                "redis_cpu_us": info["cpu_redis"] / n * 1e6,
+                "broker_cpu_us": info["cpu_broker"] / n * 1e6,
+            })  # fmt: skip
             print(
-                f"{label} run {run + 1}: bare {count / bare_s:,.0f} msg/s; ingest {count / ingest_s:,.0f} msg/s "
-                f"= {count * batch / ingest_s:,.0f} readings/s ({info})",
+                f"{label} run {run + 1} (load {load:.1f}): bare {count / bare_s:,.0f} msg/s "
+                f"({bare_cpu / count * 1e6:.1f} us CPU/msg); ingest {count / ingest_s:,.0f} msg/s = "
+                f"{n / ingest_s:,.0f} readings/s; CPU us/reading: ingest {runs[-1]['ingest_cpu_us']:.1f}, "
+                f"redis {runs[-1]['redis_cpu_us']:.1f}, broker {runs[-1]['broker_cpu_us']:.1f} "
+                f"(entries {info['entries']}, quarantine {info['quarantine']})",
                 flush=True,
             )
-        bare, ing = statistics.median(bare_rates), statistics.median(ingest_rates)
-        rows.append((label, count, bare, ing, ing * batch, bare / ing))
+        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        rows.append((label, count, batch, med))
     print()
     print(f"server: {args.server}; runs: {args.runs}; medians")
-    print("| messages | count | bare paho msg/s | ingest msg/s | ingest readings/s | bare / ingest |")
-    print("|---|---|---|---|---|---|")
-    for label, count, bare, ing, rps, ratio in rows:
-        print(f"| {label} | {count:,} | {bare:,.0f} | {ing:,.0f} | {rps:,.0f} | {ratio:.2f}x |")
+    print(
+        "| messages | count | bare paho msg/s | ingest msg/s | ingest readings/s | bare / ingest | "
+        "ingest CPU us/reading | readings per ingest CPU-second | Redis CPU us/reading | load avg |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for label, count, batch, m in rows:
+        print(
+            f"| {label} | {count:,} | {m['bare']:,.0f} | {m['ingest']:,.0f} | {m['ingest'] * batch:,.0f} | "
+            f"{m['bare'] / m['ingest']:.2f}x | {m['ingest_cpu_us']:.1f} | {1e6 / m['ingest_cpu_us']:,.0f} | "
+            f"{m['redis_cpu_us']:.1f} | {m['load']:.1f} |"
+        )
 
 
 # --- validation cost -----------------------------------------------------------------------------------------

@@ -381,10 +381,13 @@ class ReadingStore:
                     index = key_index[ident] = len(script_keys)
                 seq = reading.seq
                 size = len(reading.json)
-                hi, lo = divmod(seq, _SPLIT)
-                meta.append(pack(index, seq % window, hi, lo, offset, size))
+                if seq < _SPLIT:
+                    meta.append(pack(index, seq % window, 0, seq, offset, size))
+                else:
+                    hi, lo = divmod(seq, _SPLIT)
+                    meta.append(pack(index, seq % window, hi, lo, offset, size))
                 offset += size + 1
-            payloads.append(_ENTRY_HEAD + b",".join(r.json for r in m.readings) + b"]}")
+            payloads.append(_ENTRY_HEAD + b",".join([r.json for r in m.readings]) + b"]}")
         argv = [self.window, self.ttl_ms, keys.PAYLOAD_FIELD, b"".join(meta), *payloads]
         return _Call(messages, [len(script_keys), *script_keys, *argv])
 

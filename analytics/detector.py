@@ -410,6 +410,15 @@ class SensorDetector:
                 self.consecutive_flags = 0
             i = start + j
             row = rows[i]
+            if not hard[i] and not stuck[i].any() and model.is_recovery(mvals[i], fast_b[j], Z[j]):
+                # Back in the normal range after a fault the baseline had followed: normal, and the new baseline.
+                jumped = model.envelope_excess(Z[j : j + 1])[0, : len(model.metrics_)] > 0
+                self._hist[:, mcols[jumped]] = mvals[i, jumped]
+                self._accept(values[i : i + 1])
+                self.consecutive_flags = 0
+                start = i + 1
+                horizon = self.config.max_replay
+                continue
             if hard[i]:
                 anomaly = self._hard_anomaly(row, hard[i], model, float(scores[j]))
             elif scores[j] >= model.threshold_:
@@ -428,10 +437,25 @@ class SensorDetector:
                 ]
                 anomaly = self._anomaly(row, "stuck", float(scores[j]), model, "warning", expl)
             out.append((idx[i], anomaly))
+            k = len(model.metrics_)
+            excess = model.envelope_excess(Z[j : j + 1])[0].reshape(-1, k).max(axis=0)
+            # Only the metrics the anomaly is about stay out of the baseline; the others keep following demand
+            # and weather (a long fault on one metric must not freeze the rest and make them look like jumps).
+            if hard[i]:
+                implicated = [self._columns[name] for name, _, _ in hard[i]]
+            elif anomaly["rule"] == "model":
+                named = {e["metric"] for e in anomaly["explanation"]}
+                implicated = [
+                    int(mcols[c])
+                    for c in range(k)
+                    if excess[c] > 0 or (not excess.any() and model.metrics_[c] in named)
+                ]
+            else:
+                implicated = [int(mcols[c]) for c in np.flatnonzero(stuck[i])]
+            self._advance_baselines(values[i], implicated)
             if anomaly["rule"] == "model":
                 # A jump back toward the training centre may be the end of a fault the baseline had followed
                 # (a drift, or a shift during warm-up): if the next reading confirms the new level, move there.
-                k = len(model.metrics_)
                 jumped = model.envelope_excess(Z[j : j + 1])[0, :k] > 0
                 toward = np.abs(mvals[i] - model.center_) < np.abs(fast_b[j] - model.center_)
                 if jumped.any() and toward[jumped].all():
@@ -553,6 +577,14 @@ class SensorDetector:
         if h <= hist.shape[0]:
             return hist[-h:]
         return np.concatenate([np.repeat(hist[:1], h - hist.shape[0], axis=0), hist])
+
+    def _advance_baselines(self, row: F64, implicated: list[int]) -> None:
+        """Move the baselines with a flagged reading's uninvolved metrics (the ring buffer does not get it)."""
+        partial = row.copy()
+        partial[implicated] = np.nan  # forward-filled: those metrics keep their pre-anomaly baseline
+        self._hist = _history_update(self._hist, partial[None, :])
+        if self.model is not None and self.model.slow_alpha > 0:
+            self._slow = _ewma_update(self._slow, partial[None, :], self.model.slow_alpha)
 
     def _rebaseline(self, mrow: F64) -> None:
         cols = self._model_cols

@@ -253,6 +253,8 @@ class SensorModel:
     slow_scale_: F64
     feature_lo_: F64
     feature_hi_: F64
+    level_lo_: F64
+    level_hi_: F64
     stuck_run_: NDArray[np.int64]
     forest_: CompiledForest
     estimator_: IsolationForest | None
@@ -348,11 +350,14 @@ class SensorModel:
         else:
             self.slow_scale_ = np.ones(0)
         Z = np.hstack(parts)
+        levels = filled[skip:]
         clean = np.abs(Z).max(axis=1) <= self.trim_z
         if clean.sum() >= max(self.min_train // 2, 2):
-            Z = Z[clean]
+            Z, levels = Z[clean], levels[clean]
         self.feature_lo_ = Z.min(axis=0)
         self.feature_hi_ = Z.max(axis=0)
+        self.level_lo_ = levels.min(axis=0)
+        self.level_hi_ = levels.max(axis=0)
 
         est = IsolationForest(
             n_estimators=self.n_estimators,
@@ -440,6 +445,23 @@ class SensorModel:
         excess = self.envelope_excess(z).max(axis=1) if z.shape[0] else np.zeros(0)
         out: F64 = s + (1.0 - s) * -np.expm1(-excess / self.envelope_scale)
         return out
+
+    def is_recovery(self, values: F64, baseline: F64, z: F64) -> bool:
+        """Is this flagged jump a return to normal? Every metric that jumped past the envelope came from a baseline
+        outside its training range (widened by ``envelope_guard`` spreads) to a value inside it.
+
+        This is the end of a fault the baseline had followed (a drift the model caught late or not at all): the
+        reading is normal again and alerting on it would be a false alert.
+        """
+        k = len(self.metrics_)
+        jumped = self.envelope_excess(np.asarray(z, dtype=np.float64)[None, :])[0, :k] > 0
+        if not jumped.any():
+            return False
+        widen = self.envelope_guard * self.scale_
+        with np.errstate(invalid="ignore"):
+            outside = (baseline < self.level_lo_ - widen) | (baseline > self.level_hi_ + widen)
+            inside = (values >= self.level_lo_) & (values <= self.level_hi_)
+        return bool((outside & inside)[jumped].all())
 
     def score_row(self, z: F64) -> float:
         """:meth:`score_features` of one feature row (1-D), with less per-call overhead."""
@@ -559,6 +581,8 @@ class SensorModel:
             slow_scale=self.slow_scale_,
             feature_lo=self.feature_lo_,
             feature_hi=self.feature_hi_,
+            level_lo=self.level_lo_,
+            level_hi=self.level_hi_,
             stuck_run=self.stuck_run_,
             meta_json=np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8),
         )
@@ -609,6 +633,8 @@ class SensorModel:
             model.slow_scale_ = arrays["slow_scale"]
             model.feature_lo_ = arrays["feature_lo"]
             model.feature_hi_ = arrays["feature_hi"]
+            model.level_lo_ = arrays["level_lo"]
+            model.level_hi_ = arrays["level_hi"]
             model.stuck_run_ = arrays["stuck_run"].astype(np.int64)
             model.threshold_ = float(meta["threshold"])
             model.critical_threshold_ = float(meta["critical_threshold"])

@@ -34,15 +34,17 @@ class AlertingConfig:
     worker: WorkerConfig = field(
         default_factory=lambda: WorkerConfig(batch_size=100, block_ms=200, retry_ms=2_000, max_deliveries=20)
     )
-    pubsub_concurrency: int = 64
+    pubsub_concurrency: int = 32  # with the stream window, well under redis-py's connection pool limit
+    stream_concurrency: int = 16
     use_pubsub: bool = True
 
 
 class StreamHandler:
-    """Dispatches each anomaly entry in order; Ack when settled, Hold when not yet (it comes back later)."""
+    """Dispatches anomaly entries, oldest first; Ack when settled, Hold when not yet (it comes back later)."""
 
-    def __init__(self, dispatcher: Dispatcher) -> None:
+    def __init__(self, dispatcher: Dispatcher, concurrency: int = 16) -> None:
         self.dispatcher = dispatcher
+        self.concurrency = concurrency
 
     async def __call__(self, entries: Sequence[Entry]) -> Mapping[str, Outcome]:
         async def one(entry: Entry) -> Outcome:
@@ -56,9 +58,17 @@ class StreamHandler:
                 return Fail(f"invalid anomaly: {exc}", permanent=True)
             return Ack() if settled else Hold("dispatch not settled yet")
 
-        # In stream order, one at a time: a backfill reaches each phone oldest first (each alert's phones are
-        # still sent to concurrently inside the dispatcher, and the per-number rate bounds the pace anyway).
-        return {e.id: await one(e) for e in entries}
+        # Started in stream order through a small window: a backfill goes out oldest first (give or take the
+        # window) while several Twilio round trips overlap, so its pace is set by the send-rate bound.
+        window = asyncio.Semaphore(self.concurrency)
+
+        async def in_window(entry: Entry) -> Outcome:
+            async with window:
+                return await one(entry)
+
+        tasks = [asyncio.create_task(in_window(e)) for e in entries]
+        results = await asyncio.gather(*tasks)
+        return {e.id: o for e, o in zip(entries, results, strict=True)}
 
 
 async def listen_pubsub(
@@ -119,7 +129,7 @@ async def run_alerting(
         redis,
         keys.ANOMALIES,
         keys.GROUP_ALERTING,
-        StreamHandler(dispatcher),
+        StreamHandler(dispatcher, cfg.stream_concurrency),
         consumer=consumer,
         config=cfg.worker,
         stop_event=stop,

@@ -431,9 +431,15 @@ def validate_message(topic: str, payload: bytes, received_ms: int) -> MessageRes
     readings = result.readings
     dumps = orjson.dumps
     for index, fast in enumerate(checked["readings"]):
-        ts = fast["ts"]
-        if type(ts) is float and fast["site"] == site:
-            ts_ms = math.floor(ts * 1000 + 0.5)
+        if fast["site"] == site:
+            ts = fast["ts"]
+            try:
+                ts_ms = math.floor(ts * 1000 + 0.5) if type(ts) is float else _ts_ms(ts)
+            except _Bad as bad:
+                result.rejected.append(
+                    Rejected(bad.reason, f"batch reading {index}: {bad.detail}", _raw_of(fast, False))
+                )
+                continue
             if earliest <= ts_ms <= latest:
                 sensor_id, seq = fast["sensor_id"], fast["seq"]
                 normalized = {

@@ -1,10 +1,11 @@
 """The ingest crew: MQTT -> validate -> rate limit -> dedupe + XADD (one pipelined round trip) -> PUBACK.
 
-Threading (measured, see benchmarks/RESULTS.md "Ingest"): paho's network thread parses MQTT and fills the inbox;
-the asyncio loop (this module) takes micro-batches, validates them, writes them to Redis with ``redis.asyncio`` and
-acknowledges. While the loop waits for Redis the GIL is free for paho to receive the next batch, so receiving and
-writing overlap; both run Python, so more threads would only add switching. The broker's in-flight window
-(``receive_maximum``, default 1000) is twice the flush size, so one batch fills while the previous one is written.
+Threading (measured with py-spy, see benchmarks/RESULTS.md "Ingest"): paho's network thread parses MQTT and fills
+the inbox; the asyncio loop (this module) takes micro-batches, validates them, writes them to Redis with
+``redis.asyncio`` and acknowledges. Two flushes overlap: the next batch is validated while Redis runs the script of
+the previous one (writes are serialized, so Redis applies them in arrival order). Everything is Python under one
+GIL, so another thread would only add switching; more throughput comes from more processes on the shared
+subscription. The broker's in-flight window (``receive_maximum``, default 1000) is twice the flush size.
 
 No loss: a message is acknowledged only after :meth:`ingest.store.ReadingStore.write` returned for it (and
 WAITAOF, when on). If Redis is down, the batch in hand is retried with capped, jittered backoff and nothing is

@@ -260,3 +260,26 @@ async def test_backpressure_on_redis_memory(redis_only_url: str, mosquitto: Mosq
     finally:
         r.config_set("maxmemory", "0")
         r.close()
+
+
+async def test_starts_before_the_broker_and_connects_when_it_is_up(
+    redis_only_url: str, tmp_path: Any
+) -> None:
+    now = int(time.time() * 1000)
+    broker = MosquittoBroker(data_dir=tmp_path / "mosq")  # port chosen, nothing listening yet
+    crew = IngestCrew(
+        IngestConfig(redis_url=redis_only_url, mqtt=MqttEndpoint.parse(broker.url), client_id="early")
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(crew.run(stop))
+    try:
+        await asyncio.sleep(1.0)
+        assert not task.done() and crew.intake is not None and not crew.intake.connected
+        broker.start()
+        await asyncio.wait_for(crew.ready.wait(), 20)
+        await asyncio.to_thread(publish, broker.url, [_single("s", 1, now)])
+        await wait_for(lambda: len(stored_readings(redis_only_url)) == 1)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+        broker.close()

@@ -86,15 +86,16 @@ class RawRedis:
         calls: Sequence[Sequence[Any]],
         *,
         then: Sequence[Packed] = (),
+        retry: bool = True,
     ) -> list[Any]:
         """Run ``script`` once per argument list in ``calls``, then the commands ``then``, all in one write.
 
         Returns every reply in order. Calls answered NOSCRIPT (a restarted or flushed server) did nothing; the
-        script is loaded and only they are sent again.
+        script is loaded and only they are sent again. ``retry`` as for :meth:`call`.
         """
         head = ("EVALSHA", script.sha, len(keys), *keys)
         packed = [*(self.pack((*head, *args)) for args in calls), *then]
-        replies = await self.call(*packed, raise_on_error=False)
+        replies = await self.call(*packed, retry=retry, raise_on_error=False)
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
             logger.info("loading script %s on the server", script.sha[:12])

@@ -81,9 +81,11 @@ def test_sigkill_during_publish_stores_every_reading_exactly_once(
     errors: list[BaseException] = []
 
     def publisher() -> None:
+        # Paced (about 4 s at least) so that several kills land in the middle of the publish.
         try:
-            for start in range(0, len(msgs), 500):
-                publish(mosquitto.url, msgs[start : start + 500], client_id="crash-pub")
+            for start in range(0, len(msgs), 250):
+                publish(mosquitto.url, msgs[start : start + 250], client_id="crash-pub")
+                time.sleep(0.1)
         except BaseException as exc:
             errors.append(exc)
         finally:
@@ -91,10 +93,12 @@ def test_sigkill_during_publish_stores_every_reading_exactly_once(
 
     thread = threading.Thread(target=publisher)
     thread.start()
-    kills = 0
+    kills = kills_during_publish = 0
     try:
         while not done.is_set() or kills < 3:
-            time.sleep(0.4)
+            time.sleep(0.3)
+            if not done.is_set():
+                kills_during_publish += 1
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             kills += 1
@@ -108,7 +112,7 @@ def test_sigkill_during_publish_stores_every_reading_exactly_once(
         proc.terminate()
         proc.wait(20)
     stored = [(x["sensor_id"], x["seq"]) for x in stored_readings(redis_only_url)]
-    assert kills >= 3
+    assert kills_during_publish >= 3, kills_during_publish
     dupes = [k for k, n in Counter(stored).items() if n > 1]
     assert dupes == []
     assert set(stored) == expected_keys(msgs)

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import shutil
+import socket
 import subprocess
 import time
 import urllib.error
@@ -36,7 +38,6 @@ import redis
 from handoff import keys
 from simulators.load import wait_for_metrics
 from tests.ingest.mqtt_tools import publish
-from waterdoctor.embedded import free_port
 from waterdoctor.supervisor import CREWS, Pipeline
 
 REPO = Path(__file__).resolve().parents[2]
@@ -152,7 +153,7 @@ def running_prometheus(tmp_path: Path, ports: dict[str, int]) -> Iterator[Promet
         [_binary("promtool"), "check", "config", str(config)], capture_output=True, text=True
     )
     assert check.returncode == 0, check.stdout + check.stderr
-    port = free_port()
+    port = listen_ports(1)[0]
     log_path = tmp_path / "prometheus.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -299,14 +300,28 @@ def single(series: Series, what: str) -> float:
     return values.pop()
 
 
-def distinct_ports(names: tuple[str, ...]) -> dict[str, int]:
-    """A free port per name, no two alike (``free_port`` alone may hand out the same port twice in a row)."""
-    ports: dict[str, int] = {}
-    while len(ports) < len(names):
-        port = free_port()
-        if port not in ports.values():
-            ports[names[len(ports)]] = port
-    return ports
+def listen_ports(n: int) -> list[int]:
+    """``n`` distinct ports that are free now, below the kernel's ephemeral range.
+
+    The crews bind their metrics port only after importing their libraries (seconds, more on a loaded machine).
+    A port from ``free_port`` (bind to 0) lies in the ephemeral range, where any outgoing connection of any process
+    may take it in the meantime; a port below that range is handed out only to whoever asks for it by number.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    ports: list[int] = []
+    for port in random.sample(range(20000, max(low, 20000 + 100)), 200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("0.0.0.0", port))  # the crews listen on every address
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == n:
+            return ports
+    raise RuntimeError(f"no {n} free ports below {low}")
 
 
 def crew_logs(pipeline: Pipeline, lines: int = 15) -> str:
@@ -335,7 +350,7 @@ def test_contract_metrics_scraped_by_real_prometheus(tmp_path: Path, monkeypatch
     _binary("prometheus")  # fail first, before starting anything, when Prometheus is missing
     for var in _ISOLATE_ENV:
         monkeypatch.delenv(var, raising=False)
-    ports = distinct_ports(CREWS)
+    ports = dict(zip(CREWS, listen_ports(len(CREWS)), strict=True))
     pipeline = Pipeline(
         data_dir=tmp_path / "wd",
         crews=CREWS,

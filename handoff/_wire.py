@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import hiredis
@@ -57,22 +57,30 @@ class RawRedis:
         chunks: list[bytes] = self._packer.pack_command(*args)
         return chunks
 
-    async def call(self, *packed: Packed, retry: bool = True, raise_on_error: bool = True) -> list[Any]:
+    async def call(
+        self,
+        *packed: Packed,
+        raise_on_error: bool = True,
+        on_retry: Callable[[], None] | None = None,
+    ) -> list[Any]:
         """Send the packed commands in one write and return one reply per command.
 
         Every reply is read before an error reply is raised (as a pipeline does), so the connection stays in
-        step; with ``raise_on_error=False`` error replies are returned in place instead. ``retry=False`` skips
-        the client's retry policy: use it for commands whose reply must not be lost silently (a retried
-        XREADGROUP would leave the first delivery stranded in the pending list).
+        step; with ``raise_on_error=False`` error replies are returned in place instead. Connection errors get
+        the client's retry policy, as in ``execute_command``: the whole write is sent again. A retried command
+        may have run the first time with its reply lost: ``on_retry`` is called before each retry so that a
+        caller whose commands deliver something (XREADGROUP) can go and collect it.
         """
+
+        async def failed(_error: BaseException) -> None:
+            if on_retry is not None:
+                on_retry()
+            await conn.disconnect()
+
         async with self._connection() as conn:
-            if retry:
-                replies: list[Any] = await conn.retry.call_with_retry(
-                    lambda: self._send_read(conn, packed),
-                    lambda _error: conn.disconnect(),
-                )
-            else:
-                replies = await self._send_read(conn, packed)
+            replies: list[Any] = await conn.retry.call_with_retry(
+                lambda: self._send_read(conn, packed), failed
+            )
         if raise_on_error:
             for reply in replies:
                 if isinstance(reply, ResponseError):
@@ -86,16 +94,16 @@ class RawRedis:
         calls: Sequence[Sequence[Any]],
         *,
         then: Sequence[Packed] = (),
-        retry: bool = True,
+        on_retry: Callable[[], None] | None = None,
     ) -> list[Any]:
         """Run ``script`` once per argument list in ``calls``, then the commands ``then``, all in one write.
 
         Returns every reply in order. Calls answered NOSCRIPT (a restarted or flushed server) did nothing; the
-        script is loaded and only they are sent again. ``retry`` as for :meth:`call`.
+        script is loaded and only they are sent again. ``on_retry`` as for :meth:`call`.
         """
         head = ("EVALSHA", script.sha, len(keys), *keys)
         packed = [*(self.pack((*head, *args)) for args in calls), *then]
-        replies = await self.call(*packed, retry=retry, raise_on_error=False)
+        replies = await self.call(*packed, raise_on_error=False, on_retry=on_retry)
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
             logger.info("loading script %s on the server", script.sha[:12])

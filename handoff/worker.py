@@ -259,6 +259,7 @@ class ConsumerGroupWorker:
         self._read_cmds: dict[tuple[str, int, int | None], Any] = {}
         # New entries read in the same write as the previous batch's commit, handled by the next step().
         self._prefetched: list[Entry] = []
+        self._redrain = False
         # Labelled metric children resolved once: .labels() is a locked dict lookup, per batch it adds up.
         self._acked_total = ACKED.labels(stream, group)
         self._dead_total = DEAD_LETTERS.labels(stream, group)
@@ -283,6 +284,12 @@ class ConsumerGroupWorker:
         logger.info("worker %s joining %s/%s", self.consumer, self.stream, self.group)
         drained = False
         while not self.stopping:
+            if self._redrain:
+                # Entries delivered by a read whose reply was lost are in our pending list: collect them now
+                # rather than after claim_idle_ms. The batch read with the last commit is in that list too.
+                self._redrain = False
+                drained = False
+                self._prefetched = []
             try:
                 if not self._group_ready:
                     await self.ensure_group()
@@ -379,10 +386,13 @@ class ConsumerGroupWorker:
             n += len(entries)
         return n
 
+    def _collect_lost_reads(self) -> None:
+        """A read is being retried: its first delivery may have happened with the reply lost. Re-drain soon."""
+        self._redrain = True
+
     async def _read(self, start: str, *, block: bool, count: int | None = None) -> list[Entry]:
-        # Not retried inside the client: a retried XREADGROUP would strand the first delivery (see run()).
         raw = self._raw
-        (resp,) = await raw.call(self._read_command(start, block, count), retry=False)
+        (resp,) = await raw.call(self._read_command(start, block, count), on_retry=self._collect_lost_reads)
         return self._entries(resp)
 
     def _read_command(self, start: str, block: bool, count: int | None = None) -> Any:
@@ -482,7 +492,7 @@ class ConsumerGroupWorker:
                         self.config.batch_size,
                     )
                 ),
-                retry=False,  # like a read: the claimed entries are ours once the server has answered
+                on_retry=self._collect_lost_reads,  # like a read: claimed entries are ours once the server ran it
             )
             cursor = resp[0].decode() if isinstance(resp[0], bytes) else str(resp[0])
             entries = self._entries([(self.stream, resp[1])])
@@ -557,12 +567,14 @@ class ConsumerGroupWorker:
         raw = self._raw
         then = [raw.pack(("XACK", self.stream, self.group, *plain))] if plain else []
         read = bool(read_next and (body or then) and not self.stopping)
+        on_retry = None
         if read:
             then.append(self._read_command(">", False))
+            on_retry = self._collect_lost_reads
         if body:
-            replies = await raw.evalsha(_COMMIT, (self.stream,), [body], then=then, retry=not read)
+            replies = await raw.evalsha(_COMMIT, (self.stream,), [body], then=then, on_retry=on_retry)
         elif then:
-            replies = await raw.call(*then, retry=not read)
+            replies = await raw.call(*then, on_retry=on_retry)
         else:
             replies = []
         if read:

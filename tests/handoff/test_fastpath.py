@@ -10,6 +10,8 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as aredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from handoff import producer as producer_mod
@@ -238,10 +240,14 @@ async def test_batch_read_with_the_last_commit_is_handled_before_stopping(r: are
     assert (await r.xinfo_groups(STREAM))[0]["entries-read"] == 20
 
 
+@pytest.mark.parametrize("client_retries", [0, 3], ids=["error_reaches_worker", "client_retries"])
 async def test_entries_of_a_read_whose_reply_was_lost_are_handled_without_waiting_for_a_claim(
-    r: aredis.Redis,
+    redis_url: str, client_retries: int
 ) -> None:
-    await StreamProducer(r, STREAM).add_many([{"n": i} for i in range(20)])
+    # With retries the client sends the read again and the first delivery is stranded in the pending list; without,
+    # the error reaches the worker. Either way the worker must collect the entries now, not after claim_idle_ms.
+    client = aredis.Redis.from_url(redis_url, retry=Retry(NoBackoff(), client_retries))
+    await StreamProducer(client, STREAM).add_many([{"n": i} for i in range(20)])
     seen: list[int] = []
 
     async def handler(entries: Sequence[Entry]) -> Mapping[str, Outcome]:
@@ -249,29 +255,32 @@ async def test_entries_of_a_read_whose_reply_was_lost_are_handled_without_waitin
         return {}
 
     worker = ConsumerGroupWorker(
-        r,
+        client,
         STREAM,
         GROUP,
         handler,
         config=WorkerConfig(batch_size=5, claim_idle_ms=600_000, backoff_base_s=0.01),
     )
-    real_call = worker._raw.call
+    real_send_read = worker._raw._send_read
     lost = 0
 
-    async def lossy_call(*packed: Any, **kwargs: Any) -> list[Any]:
+    async def lossy_send_read(conn: Any, packed: Sequence[Any]) -> list[Any]:
         nonlocal lost
-        replies = await real_call(*packed, **kwargs)
+        replies = await real_send_read(conn, packed)
         if lost < 2 and any(b">" in (p if isinstance(p, bytes) else b"".join(p))[-8:] for p in packed):
             lost += 1  # the server delivered the entries, the reply never arrived
             raise RedisConnectionError("connection lost while reading the reply")
         return replies
 
-    worker._raw.call = lossy_call  # type: ignore[method-assign]
+    worker._raw._send_read = lossy_send_read  # type: ignore[method-assign]
 
     async def done() -> bool:
         return worker.stats.acked == 20
 
-    await _run_until(worker, done, timeout=5)
+    try:
+        await _run_until(worker, done, timeout=5)
+    finally:
+        await client.aclose()
     assert lost == 2
     assert sorted(seen) == list(range(20))
-    assert int((await r.xpending(STREAM, GROUP))["pending"]) == 0
+    assert worker.stats.reconnects == (2 if client_retries == 0 else 0)

@@ -10,10 +10,10 @@ BIN := $(VENV)/bin
 $(VENV)/.synced: uv.lock pyproject.toml
 	test -x $(UV) || ($(PYTHON) -m venv $(VENV) && $(BIN)/python -m pip install -q "uv==0.13.9")
 	$(UV) sync --frozen --all-groups --python $(BIN)/python
-	sh scripts/ensure-prometheus.sh  # the metrics test scrapes the crews with a real Prometheus (Debian package)
 	touch $@
 
 env: $(VENV)/.synced
+	@sh scripts/ensure-prometheus.sh  # the metrics test scrapes the crews with a real Prometheus (Debian package)
 
 lint: env
 	$(BIN)/ruff check .

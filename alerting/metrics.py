@@ -9,6 +9,9 @@ from prometheus_client import Counter, Histogram
 
 #: Final outcome of each SMS: ``accepted``, ``unknown``, ``rejected``, ``dry_run`` (contract metric).
 SMS_TOTAL = Counter("wd_sms_total", "SMS by final outcome", ["outcome"])
+# Exported at 0 from the start, so that increase() sees the first unknown outcome (alert rule in deploy/rules.yml).
+for _outcome in ("accepted", "unknown", "rejected", "dry_run"):
+    SMS_TOTAL.labels(_outcome)
 
 #: Reading timestamp (``ts_ms``) to SMS accepted by Twilio or printed by the dry run (contract metric).
 ALERT_LATENCY = Histogram(

@@ -37,6 +37,8 @@ from handoff.worker import Ack, ConsumerGroupWorker, Entry, Fail, Outcome, Publi
 logger = logging.getLogger(__name__)
 
 ANOMALIES = Counter("wd_anomalies_total", "Anomalies emitted", ["severity"])
+for _severity in ("warning", "critical"):
+    ANOMALIES.labels(_severity)  # exported at 0 from the start, so increase() sees the first one
 SCORED = Counter("wd_analytics_readings_total", "Readings scored")
 SCORE_BATCH = Histogram(
     "wd_analytics_batch_readings",

@@ -36,6 +36,13 @@ HANDLED_SECONDS = Histogram(
 )
 
 
+def init_group_metrics(stream: str, group: str) -> None:
+    """Export a group's counters at 0 from the start: ``increase()`` cannot see a series' first sample, so a
+    counter that appears only at its first dead letter would never fire the dead-letter alert."""
+    ACKED.labels(stream, group)
+    DEAD_LETTERS.labels(stream, group)
+
+
 def serve_metrics(port: int | None, addr: str = "0.0.0.0") -> None:
     """Serve ``/metrics`` on ``port`` (``None`` or 0: do not serve)."""
     if not port:

@@ -427,8 +427,9 @@ def test_contract_metrics_scraped_by_real_prometheus(tmp_path: Path, monkeypatch
             # Analytics: anomalies by severity, entries acknowledged on the readings stream.
             prom.wait(
                 "wd_anomalies_total",
+                # Both severities are exported from the start (at 0), so compare the non-zero ones.
                 lambda s: (
-                    {x["severity"]: v for x, v in s} == dict(severities)
+                    {x["severity"]: v for x, v in s if v} == dict(severities)
                     and {x["crew"] for x, _ in s} == {"analytics"}
                 ),
                 f"wd_anomalies_total{{severity}} == {dict(severities)}",
@@ -446,7 +447,8 @@ def test_contract_metrics_scraped_by_real_prometheus(tmp_path: Path, monkeypatch
             prom.wait(
                 "wd_sms_total",
                 lambda s: (
-                    {x["outcome"]: v for x, v in s} == {"dry_run": n_sms}
+                    {x["outcome"]: v for x, v in s if v}
+                    == {"dry_run": n_sms}  # every outcome exported from 0
                     and {x["crew"] for x, _ in s} == {"alerting"}
                 ),
                 f'wd_sms_total{{outcome="dry_run"}} == {n_sms}',

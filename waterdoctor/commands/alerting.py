@@ -35,7 +35,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from alerting.webhook import make_webhook_app, start_webhook
     from handoff import keys, runloop
     from handoff.connection import connect
-    from handoff.metrics import serve_metrics, stream_metrics_loop
+    from handoff.metrics import init_group_metrics, serve_metrics, stream_metrics_loop
     from handoff.worker import WorkerConfig
 
     url = settings.require_redis_url()
@@ -57,6 +57,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         dispatcher = Dispatcher(
             redis, sender, routing, config=DispatchConfig(retention_days=settings.anomaly_retention_days)
         )
+        init_group_metrics(keys.ANOMALIES, keys.GROUP_ALERTING)
         serve_metrics(args.metrics_port)
         runner = None
         if args.webhook_port:

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from analytics.detector import DetectorConfig
     from handoff import keys, runloop
     from handoff.connection import connect
-    from handoff.metrics import serve_metrics, stream_metrics_loop
+    from handoff.metrics import init_group_metrics, serve_metrics, stream_metrics_loop
     from handoff.worker import WorkerConfig
 
     url = settings.require_redis_url()
@@ -49,6 +49,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     async def main(stop: asyncio.Event) -> None:
         redis = await connect(url, name="analytics")
+        init_group_metrics(keys.READINGS, keys.GROUP_ANALYTICS)
         serve_metrics(args.metrics_port)
         metrics = asyncio.create_task(
             stream_metrics_loop(redis, [(keys.READINGS, keys.GROUP_ANALYTICS)], stop), name="stream-metrics"

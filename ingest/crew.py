@@ -144,6 +144,8 @@ class IngestCrew:
         ]
         try:
             await self._prepare_store(store, stop)
+            if stop.is_set():
+                return  # stopped while waiting for Redis: never connected to the broker
             intake.start()
             logger.info(
                 "ingest %s: batch %d, flush %.1f ms, receive maximum %d, device rate %s/s",

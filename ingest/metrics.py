@@ -12,6 +12,11 @@ READINGS = Counter("wd_ingest_readings_total", "Readings stored in wd:readings:v
 QUARANTINED = Counter(
     "wd_quarantined_total", "Messages or batch readings written to wd:quarantine:v1, by reason", ["reason"]
 )
+for _reason in (
+    "invalid_json", "schema", "non_finite", "too_large", "topic_mismatch", "bad_identifier", "clock_skew",
+    "rate_limited", "stale_seq",
+):  # fmt: skip
+    QUARANTINED.labels(_reason)  # exported at 0 from the start, so increase() sees the first one
 MESSAGES = Counter("wd_ingest_messages_total", "MQTT messages processed (written and acknowledged)")
 ACKED = Counter("wd_ingest_acked_total", "PUBACKs sent after the write")
 DUPLICATES = Counter(

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from handoff import runloop
-from handoff.metrics import serve_metrics
 from handoff.settings import Settings
-from ingest.crew import IngestConfig, IngestCrew
-from ingest.mqtt import default_client_id
+
+if TYPE_CHECKING:
+    from ingest.crew import IngestConfig
 
 DEFAULT_METRICS_PORT = 9101
 
@@ -75,6 +74,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def config_from(args: argparse.Namespace, settings: Settings) -> IngestConfig:
     """The crew configuration from settings (URLs) and flags (everything else)."""
+    # Crew modules are imported when the command runs, not when the CLI builds its parsers: every process would
+    # otherwise load (and export the metrics of) every crew.
+    from ingest.crew import IngestConfig
+    from ingest.mqtt import default_client_id
+
     return IngestConfig(
         redis_url=settings.require_redis_url(),
         mqtt=settings.require_mqtt(),
@@ -93,6 +97,10 @@ def config_from(args: argparse.Namespace, settings: Settings) -> IngestConfig:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    from handoff import runloop
+    from handoff.metrics import serve_metrics
+    from ingest.crew import IngestCrew
+
     config = config_from(args, settings)
     serve_metrics(args.metrics_port)
     crew = IngestCrew(config)

@@ -10,9 +10,10 @@ Every path reports, as the median of ``--runs`` runs:
   * entries/s of wall time (what a crew sees; noisy when other processes share the machine);
   * client CPU per entry (``time.process_time`` of this single-threaded process: the worker loop's own cost);
   * Redis CPU per entry (``INFO CPU`` user+sys delta of the server).
-CPU figures are much steadier than wall time on a shared machine; "capacity" is 1 / max(client, Redis) CPU per
-entry, the rate if each had a core to itself. The load average before and after the run is printed: other
-processes on the machine slow the wall-time figures down.
+CPU figures are much steadier than wall time on a shared machine. The worker loop is strictly sequential (read,
+handle, commit, read...), so "CPU-bound entries/s" = 1 / (client + Redis CPU per entry) is what one worker reaches
+when neither process ever waits for a core; the wall rate falls short of it by round-trip latency and by whatever
+else runs on the machine. The load average before and after the run is printed for that reason.
 
 Usage: .venv/bin/python benchmarks/bench_handoff.py [--entries 200000] [--runs 3]
 """
@@ -193,7 +194,7 @@ def main() -> None:
     print()
     print(
         f"| path | entries/s, wall (median of {args.runs}) | runs | client CPU us/entry | Redis CPU us/entry "
-        "| capacity entries/s |"
+        "| CPU-bound entries/s |"
     )
     print("|---|---:|---|---:|---:|---:|")
     for name, samples in results.items():
@@ -202,7 +203,7 @@ def main() -> None:
         server_us = statistics.median(s.server_us for s in samples)
         runs = ", ".join(f"{s.rate:,.0f}" for s in samples)
         client_txt = "-" if client != client else f"{client:.2f}"  # NaN: redis-benchmark's client is not ours
-        capacity = "-" if client != client else f"{1e6 / max(client, server_us):,.0f}"
+        capacity = "-" if client != client else f"{1e6 / (client + server_us):,.0f}"
         print(f"| {name} | {rate:,.0f} | {runs} | {client_txt} | {server_us:.2f} | {capacity} |")
 
 

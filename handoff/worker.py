@@ -18,6 +18,12 @@ What it guarantees, and how:
   a group lost with a non-persistent server is recreated.
 * **Shutdown in stages.** :meth:`ConsumerGroupWorker.stop` (or the stop event) stops reading; the batch in hand is
   finished and committed; anything not committed stays pending for the next start or for a claim.
+
+How it stays fast (``benchmarks/bench_handoff.py``, results in ``benchmarks/RESULTS.md``): reads and commits are
+packed by hiredis and their replies parsed without redis-py's callbacks (:mod:`handoff._wire`); a commit sends each
+op's command once per batch and two arguments per entry; the plain XACK and the next batch's (non-blocking) read
+ride in the commit's write, so a busy worker makes one round trip per batch. The read runs on the server after the
+commit, and a batch read that way when a stop arrives is handled before :meth:`ConsumerGroupWorker.run` returns.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Use it three ways:
 
 - in-process from a test: ``async with TwilioFake(...) as fake: fake.base_url``;
 - from a benchmark in a thread of its own: ``with TwilioFake(...).in_thread() as fake: ...``;
-- as a subprocess: ``python -m tests.fakes.twilio_fake --port 0 --record accepted.jsonl`` prints
+- as a subprocess: ``python -m simulators.twilio_fake --port 0 --record accepted.jsonl`` prints
   ``READY http://127.0.0.1:PORT`` on stdout once it listens; each accepted message is appended to the record file.
 
 Faults (``Faults``): 429 with ``Retry-After``, 500, 503, a hang past the client's timeout that may still accept the

@@ -1,1 +1,0 @@
-"""Fakes of services we do not own (Twilio)."""

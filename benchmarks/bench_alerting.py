@@ -57,7 +57,7 @@ ID_RE = re.compile(r"(?:^|\s)id (\S+)")
 @contextlib.contextmanager
 def fake_process(record: Path) -> Iterator[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.fakes.twilio_fake", "--account-sid", SID, "--auth-token", TOKEN,
+        [sys.executable, "-m", "simulators.twilio_fake", "--account-sid", SID, "--auth-token", TOKEN,
          "--record", str(record)],
         cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip

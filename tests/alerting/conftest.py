@@ -12,7 +12,7 @@ from alerting.dispatcher import DispatchConfig, Dispatcher
 from alerting.ratelimit import SendRateLimiter
 from alerting.routing import Routing, parse_routing
 from alerting.sms import SmsSender, TwilioSender
-from tests.fakes.twilio_fake import Faults, TwilioFake
+from simulators.twilio_fake import Faults, TwilioFake
 
 FROM = "+15550000000"
 PHONE_A = "+15551230001"

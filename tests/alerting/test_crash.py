@@ -12,6 +12,7 @@ from pathlib import Path
 from alerting.ledger import phone_field
 from alerting.routing import parse_routing
 from alerting.sms import TwilioSender
+from simulators.twilio_fake import Faults, TwilioFake
 from tests.alerting.conftest import (
     BASIC_ROUTING,
     FROM,
@@ -21,7 +22,6 @@ from tests.alerting.conftest import (
     FakeClock,
     anomaly,
 )
-from tests.fakes.twilio_fake import Faults, TwilioFake
 
 ROOT = Path(__file__).resolve().parents[2]
 N = 150

@@ -18,8 +18,8 @@ from alerting.routing import Routing
 from alerting.sms import TwilioSender
 from handoff import keys
 from handoff.worker import WorkerConfig
+from simulators.twilio_fake import TwilioFake
 from tests.alerting.conftest import BASIC_ROUTING, FROM, PHONE_A, PHONE_B, DispatcherFactory, anomaly
-from tests.fakes.twilio_fake import TwilioFake
 
 ROOT = Path(__file__).resolve().parents[2]
 

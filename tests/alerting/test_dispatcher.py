@@ -15,6 +15,7 @@ from alerting.errors import InvalidAnomaly
 from alerting.ledger import DUE_KEY, alert_key, phone_field
 from alerting.routing import CONSOLE, Routing, parse_routing
 from alerting.sms import DryRunSender, SendResult, TwilioSender
+from simulators.twilio_fake import Faults, TwilioFake
 from tests.alerting.conftest import (
     FROM,
     PHONE_A,
@@ -24,7 +25,6 @@ from tests.alerting.conftest import (
     FakeClock,
     anomaly,
 )
-from tests.fakes.twilio_fake import Faults, TwilioFake
 
 
 def _count(counter: object, *labels: str) -> float:

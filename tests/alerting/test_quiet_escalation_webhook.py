@@ -15,8 +15,8 @@ from alerting.ledger import phone_field
 from alerting.routing import parse_routing
 from alerting.sms import TwilioSender
 from alerting.webhook import DEFAULT_PATH, make_webhook_app, start_webhook
+from simulators.twilio_fake import TwilioFake
 from tests.alerting.conftest import PHONE_A, PHONE_B, PHONE_ESC, DispatcherFactory, FakeClock, anomaly
-from tests.fakes.twilio_fake import TwilioFake
 
 # 2026-01-02T00:00:00Z is 00:00 in London (winter): inside 22:00-06:00.
 NIGHT = 1_767_312_000.0

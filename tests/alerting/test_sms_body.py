@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from alerting.body import SEGMENT, ack_code, format_body, gsm7_length, gsm7_safe
 from alerting.ratelimit import SendRateLimiter, TokenBucket
 from alerting.sms import DryRunSender, Outcome, RebasedHttpClient, TwilioSender, parse_retry_after
+from simulators.twilio_fake import TwilioFake
 from tests.alerting.conftest import FROM, PHONE_A, anomaly
-from tests.fakes.twilio_fake import TwilioFake
 
 
 def test_body_names_everything_the_contract_asks_for() -> None:

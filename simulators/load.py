@@ -54,6 +54,9 @@ class LoadConfig:
     warmup_readings: int = 300
     model_wait_s: float = 60.0
     redis_kind: str = "redis"
+    #: Self-contained runs send real SMS through the official twilio package to a local fake of the Twilio
+    #: Messages API, one phone per site, and report reading-publish-to-SMS-accepted latency.
+    sms: bool = True
     crew_args: dict[str, list[str]] = field(default_factory=dict)
 
 
@@ -247,16 +250,24 @@ def run_load(
     """Run one load test and return the report (see module docstring)."""
     say = progress or (lambda _msg: None)
     stack = contextlib.ExitStack()
+    fake: Any = None
     with stack:
         if self_contained:
             from waterdoctor.supervisor import Pipeline
 
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="wd-load-")))
+            extra_env: dict[str, str] = {}
+            if cfg.sms:
+                from simulators.twilio_fake import TwilioFake
+
+                fake = stack.enter_context(TwilioFake().in_thread())
+                extra_env = sms_env(fake.account_sid, fake.auth_token, fake.base_url, cfg.sites, tmp)
             pipeline = Pipeline(
                 data_dir=tmp,
                 redis_kind=cfg.redis_kind,
                 crew_args=cfg.crew_args,
                 crews=("ingest", "analytics", "alerting"),
+                extra_env=extra_env,
             )
             stack.callback(pipeline.stop)
             pipeline.start()
@@ -314,7 +325,57 @@ def run_load(
         time.sleep(1.0)  # let the last Pub/Sub alerts arrive
         report = build_report(cfg, stats, log, r, dict(listener.arrivals), exclude=warm_keys)
         report["drained"] = drained
+        if fake is not None:
+            time.sleep(2.0)  # the last SMS of the run
+            report["sms"] = sms_report(
+                [(a.alert_id, a.to, a.at) for a in list(fake.accepted)], log, warm_keys
+            )
         return report
+
+
+def sms_env(sid: str, token: str, base_url: str, sites: int, folder: Path) -> dict[str, str]:
+    """Environment for an alerting crew that texts one phone per site through the Twilio API at ``base_url``."""
+    routing = folder / "routing.toml"
+    routing.write_text(
+        "".join(
+            f'[[route]]\nsites = ["plant-{i + 1}"]\nphones = ["+1555100{i + 1:04d}"]\n\n'
+            for i in range(sites)
+        )
+    )
+    return {
+        "TWILIO_ACCOUNT_SID": sid,
+        "TWILIO_AUTH_TOKEN": token,
+        "WD_SMS_FROM": "+15550000000",
+        "WD_TWILIO_BASE_URL": base_url,
+        "WD_ROUTING_FILE": str(routing),
+    }
+
+
+def sms_report(
+    accepted: list[tuple[str | None, str, float]], log: PublishLog, exclude: set[tuple[str, str, int]]
+) -> dict[str, Any]:
+    """SMS accepted by the Twilio fake: count, duplicates per (alert, phone), latency from the reading's publish."""
+    publish_ms = log.publish_ms()
+    per_key = Counter((alert_id, to) for alert_id, to, _at in accepted)
+    latencies = []
+    for alert_id, _to, at in accepted:
+        if alert_id is None:
+            continue
+        site, sensor_id, seq = alert_id.rsplit(":", 2)
+        key = (site, sensor_id, int(seq)) if seq.isdigit() else None
+        if key is None or key in exclude or key not in publish_ms:
+            continue
+        latencies.append(max(0.0, at * 1000 - publish_ms[key]))
+    return {
+        "accepted": len(accepted),
+        "duplicates": sum(c - 1 for c in per_key.values() if c > 1),
+        "latency_ms": {
+            "p50": percentile(latencies, 0.50),
+            "p95": percentile(latencies, 0.95),
+            "p99": percentile(latencies, 0.99),
+            "n": len(latencies),
+        },
+    }
 
 
 def verdict(report: dict[str, Any], cfg: LoadConfig, strict: bool = False) -> list[str]:
@@ -328,6 +389,8 @@ def verdict(report: dict[str, Any], cfg: LoadConfig, strict: bool = False) -> li
         problems.append(f"{report['lost']} readings lost")
     if report["achieved_rate"] < cfg.min_rate_ratio * report["offered_rate"]:
         problems.append(f"achieved {report['achieved_rate']}/s of {report['offered_rate']}/s offered")
+    if strict and report.get("sms", {}).get("duplicates"):
+        problems.append(f"{report['sms']['duplicates']} SMS sent twice to one phone for one alert")
     if not report.get("drained", True):
         problems.append("the pipeline did not drain in time")
     return problems

@@ -1,0 +1,58 @@
+"""`waterdoctor up`: the whole pipeline on embedded defaults, alerts within a minute, nothing left after Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_up_runs_everything_shows_alerts_and_ctrl_c_leaves_no_process(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WD_", "TWILIO_"))}  # embedded defaults
+    data = tmp_path / "wd"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "waterdoctor.cli", "up", "--data-dir", str(data), "--no-view"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    me = psutil.Process(proc.pid)
+    sms_log = data / "logs" / "alerting.log"
+    children: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            children = me.children(recursive=True) or children
+            if sms_log.exists() and "[dry-run SMS]" in sms_log.read_text(errors="replace"):
+                break
+            assert proc.poll() is None, "up exited early"
+            time.sleep(0.5)
+        else:
+            raise AssertionError("no SMS within a minute of `waterdoctor up`")
+        children = me.children(recursive=True)
+        names = " ".join(" ".join(c.cmdline()) for c in children)
+        for part in (
+            "valkey-server",
+            "mosquitto",
+            "ingest",
+            "analytics",
+            "alerting",
+            "retention",
+            "simulate",
+        ):
+            assert part in names, f"{part} is not running under up"
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out.decode(errors="replace")[-3000:]
+    assert b"stopped cleanly" in out
+    time.sleep(0.5)
+    left = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert not left, f"processes left after Ctrl-C: {[c.cmdline() for c in left]}"
+    # The embedded Valkey kept its data and AOF under the data folder.
+    assert any((data / "valkey").rglob("*.aof*")) or any((data / "valkey").rglob("appendonly*"))

@@ -21,10 +21,17 @@ Refits follow on a ring buffer of the last ``window`` *accepted* readings: a rea
 enters it, so the model does not learn faults as normal. Refits come when the buffer has doubled since the last fit
 (so early models, fitted on few readings, are soon replaced) and every ``refit_every`` accepted readings after that.
 
-Baselines: the model scores the jump from an EWMA of the sensor's accepted readings (see :mod:`analytics.model`).
-Flagged readings do not move the baseline, so a level shift keeps alerting while it lasts; after
-``rebaseline_after`` consecutive flagged readings the sensor is taken to have a new normal and the baseline jumps
-to it (the model is level-independent, so nothing else needs to change).
+Baselines (what a jump is measured from: the median of the sensor's last few accepted readings, see
+:mod:`analytics.model`), and the rules that keep them honest:
+
+* A flagged reading holds back the baseline of the metrics it is about, so a level shift keeps alerting while it
+  lasts; its other metrics still move the baseline (demand and weather do not wait for a fault to end).
+* After ``rebaseline_after`` consecutive flagged readings the sensor is taken to have a new normal and the baseline
+  jumps to it (the model is level-independent, so nothing else needs to change).
+* Recovery: a flagged jump that takes a metric from outside its training range back inside it, confirmed by the
+  next reading (same level), moves the baseline there: the end of a fault the baseline had followed (a drift)
+  costs one alert, not ``rebaseline_after``.
+* Silence: a reading more than ``gap_factor`` typical intervals after the previous one restarts the baseline.
 """
 
 from __future__ import annotations
@@ -91,7 +98,7 @@ class DetectorConfig:
     """
 
     warmup: int = 200
-    window: int = 4096
+    window: int = 8640
     refit_every: int = 2048
     rebaseline_after: int = 90
     model_params: Mapping[str, Any] = field(default_factory=dict)
@@ -381,7 +388,7 @@ class SensorDetector:
             stop = min(m, start + horizon, start + 1 + int(later_gaps[0]) if later_gaps.size else m)
             seg = slice(start, stop)
             # Baselines for the segment as if every reading in it were accepted; cut at the first flagged one.
-            # A missing value is filled with the baseline itself, so it neither moves the EWMA nor scores.
+            # A missing value is forward-filled for the baselines and scores as no evidence (residual 0).
             hist = self._model_history()
             last = hist[-1]
             filled = forward_fill(mvals[seg], np.where(np.isnan(last), model.center_, last))
@@ -410,15 +417,6 @@ class SensorDetector:
                 self.consecutive_flags = 0
             i = start + j
             row = rows[i]
-            if not hard[i] and not stuck[i].any() and model.is_recovery(mvals[i], fast_b[j], Z[j]):
-                # Back in the normal range after a fault the baseline had followed: normal, and the new baseline.
-                jumped = model.envelope_excess(Z[j : j + 1])[0, : len(model.metrics_)] > 0
-                self._hist[:, mcols[jumped]] = mvals[i, jumped]
-                self._accept(values[i : i + 1])
-                self.consecutive_flags = 0
-                start = i + 1
-                horizon = self.config.max_replay
-                continue
             if hard[i]:
                 anomaly = self._hard_anomaly(row, hard[i], model, float(scores[j]))
             elif scores[j] >= model.threshold_:
@@ -453,13 +451,12 @@ class SensorDetector:
             else:
                 implicated = [int(mcols[c]) for c in np.flatnonzero(stuck[i])]
             self._advance_baselines(values[i], implicated)
-            if anomaly["rule"] == "model":
-                # A jump back toward the training centre may be the end of a fault the baseline had followed
-                # (a drift, or a shift during warm-up): if the next reading confirms the new level, move there.
+            if anomaly["rule"] == "model" and model.is_recovery(mvals[i], fast_b[j], Z[j]):
+                # A jump from outside the training range back into it may be the end of a fault the baseline had
+                # followed (a drift): if the next reading confirms the new level, the baseline moves there. Not
+                # at once: a spike toward the middle (say, during rain) must not become the baseline.
                 jumped = model.envelope_excess(Z[j : j + 1])[0, :k] > 0
-                toward = np.abs(mvals[i] - model.center_) < np.abs(fast_b[j] - model.center_)
-                if jumped.any() and toward[jumped].all():
-                    self._return_pending = (mvals[i].copy(), jumped)
+                self._return_pending = (mvals[i].copy(), jumped)
             self.consecutive_flags += 1
             if self.consecutive_flags >= self.config.rebaseline_after and not hard[i]:
                 # A new normal: let the baseline jump to it (the reading itself stays out of the training data).

@@ -5,9 +5,8 @@ rain (intake turbidity up several-fold for hours), slow sensor wander. An isolat
 hour of the day it has not seen in its training window. What a fault looks like instead is a *jump*: the value
 leaves where the sensor just was. So each metric becomes a feature ``(x_t - b_t) / s`` where ``b_t`` is the median
 of the sensor's last ``baseline_window`` *accepted* readings and ``s`` the robust spread of that residual over the
-training window. Optionally (``slow_alpha``) a second feature per metric measures
-the distance from a slow EWMA, for drifts; it is off by default because rain makes it cry wolf (see
-benchmarks/RESULTS.md, "Detection quality").
+training window. Optionally (``slow_alpha`` > 0) a second feature per metric measures the distance from a slow
+exponentially weighted mean, for drifts; it is off by default (see benchmarks/RESULTS.md, "Detection quality").
 
 Why the forest is extended outside its training envelope. An isolation forest draws split thresholds between the
 training minimum and maximum, so a reading 8 spreads out scores the same as the most extreme training point
@@ -421,7 +420,8 @@ class SensorModel:
     def features(self, values: ArrayLike, fast_base: ArrayLike, slow_base: ArrayLike | None = None) -> F64:
         """Forest features of rows ``values`` (``(n, len(metrics_))``, NaN = missing) given the baselines.
 
-        ``fast_base``/``slow_base``: the EWMA of the sensor's accepted readings *before* each row, same shape.
+        ``fast_base``: the short-term baseline of each row (median of the accepted readings before it);
+        ``slow_base``: the slow EWMA before each row (only for models with ``slow_alpha`` > 0). Same shape.
         A missing value contributes a zero residual (no evidence either way).
         """
         self._check_fitted()
@@ -447,11 +447,9 @@ class SensorModel:
         return out
 
     def is_recovery(self, values: F64, baseline: F64, z: F64) -> bool:
-        """Is this flagged jump a return to normal? Every metric that jumped past the envelope came from a baseline
-        outside its training range (widened by ``envelope_guard`` spreads) to a value inside it.
-
-        This is the end of a fault the baseline had followed (a drift the model caught late or not at all): the
-        reading is normal again and alerting on it would be a false alert.
+        """Does this flagged jump look like a return to normal? Every metric that jumped past the envelope came
+        from a baseline outside its training range (widened by ``envelope_guard`` spreads) to a value inside it:
+        the end of a fault the baseline had followed. The detector waits for the next reading to confirm it.
         """
         k = len(self.metrics_)
         jumped = self.envelope_excess(np.asarray(z, dtype=np.float64)[None, :])[0, :k] > 0

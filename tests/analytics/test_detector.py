@@ -208,7 +208,7 @@ def test_level_shift_that_persists_is_rebaselined() -> None:
     assert 30 <= len(out) <= 32  # alerts until the new level is taken as normal
 
 
-def test_end_of_a_followed_drift_is_a_recovery_not_an_alert() -> None:
+def test_end_of_a_followed_drift_costs_one_alert() -> None:
     s = Sensor(seed=6)
     bank = warmed_bank(s)
     # A slow upward drift the short-term baseline follows without alerting...
@@ -216,13 +216,15 @@ def test_end_of_a_followed_drift_is_a_recovery_not_an_alert() -> None:
     for k in range(120):
         drift.append(s.reading(ph=round(7.4 + 0.004 * k + 0.02 * float(s.rng.normal()), 4)))
     assert bank.process(drift) == []
-    # ...then the sensor snaps back into its normal range: a recovery, not an anomaly; the baseline follows.
-    assert bank.process(s.readings(100)) == []
+    # ...then the sensor snaps back into its normal range: one alert, confirmed by the next reading as a
+    # recovery, and the baseline follows at once instead of alerting until rebaseline_after.
+    assert len(bank.process(s.readings(100))) == 1
 
 
-def test_shift_learned_during_warmup_costs_at_most_one_alert_when_it_ends() -> None:
+def test_shift_learned_during_warmup_alerts_at_most_rebaseline_after_times_when_it_ends() -> None:
+    # The first model is trained on both levels, so nothing tells which one is normal: the bounded fallback.
     s = Sensor(seed=14)
-    bank = DetectorBank(config())
+    bank = DetectorBank(config(rebaseline_after=25))
     rows = s.readings(260)
     for r in rows[150:]:
         r["metrics"]["ph"] = round(r["metrics"]["ph"] + 0.5, 4)  # during warm-up: accepted, even trained on
@@ -230,8 +232,11 @@ def test_shift_learned_during_warmup_costs_at_most_one_alert_when_it_ends() -> N
         bank.process(rows[k : k + 20])
         bank.refit_due_now()
     assert bank.sensor(s.site, s.sensor_id).model is not None
-    out = bank.process(s.readings(100))  # the shift ends: one jump back, confirmed by the next reading
-    assert len(out) <= 1
+    out = bank.process(s.readings(100))  # the shift ends
+    assert 1 <= len(out) <= 25
+    assert all(
+        a["explanation"][0] == {"metric": "ph", "value": a["metrics"]["ph"], "direction": "low"} for a in out
+    )
 
 
 def test_a_long_fault_on_one_metric_does_not_freeze_the_others() -> None:

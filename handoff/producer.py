@@ -1,7 +1,7 @@
 """Stream producer: XADD JSON payloads in the field ``payload``, singly or in batches, with optional trimming.
 
 Batches go through one Lua script per chunk (:data:`_ADD_MANY_LUA`) rather than a pipeline of XADD commands: a
-pipeline costs the client a packed command and a parsed reply per entry (about 15 us each in redis.asyncio), the
+pipeline costs the client a packed command and a parsed reply per entry (about 15 us in redis.asyncio), the
 script one argument per entry and one reply per chunk. Measured in ``benchmarks/bench_handoff.py``.
 """
 
@@ -122,8 +122,10 @@ class StreamProducer:
         while start < len(encoded):
             end, size = start, 0
             # Chunk by count and bytes; one entry always goes in, however large (the size limit bounds it).
-            while end < len(encoded) and end - start < CHUNK_ENTRIES and (end == start or size < CHUNK_BYTES):
+            while end < len(encoded) and end - start < CHUNK_ENTRIES:
                 size += len(encoded[end])
+                if size > CHUNK_BYTES and end > start:
+                    break
                 end += 1
             calls.append([*head, *encoded[start:end]])
             start = end

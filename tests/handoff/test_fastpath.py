@@ -38,7 +38,16 @@ async def test_add_many_splits_by_bytes_and_keeps_a_single_large_entry(
     monkeypatch.setattr(producer_mod, "CHUNK_BYTES", 1000)
     big = b"x" * 5000  # larger than a chunk on its own: still added, alone in its call
     payloads = [b"a" * 400, b"b" * 400, b"c" * 400, big, b"d" * 10]
+    calls: list[int] = []
+    real_evalsha = RawRedis.evalsha
+
+    async def counting(self: RawRedis, script: Any, keys: Any, chunks: Any, **kw: Any) -> list[Any]:
+        calls.extend(len(c) - 2 for c in chunks)  # minus the trim count and the field name
+        return await real_evalsha(self, script, keys, chunks, **kw)
+
+    monkeypatch.setattr(RawRedis, "evalsha", counting)
     ids = await StreamProducer(r, STREAM).add_many(payloads)
+    assert calls == [2, 1, 1, 1]  # 800 bytes, then 400 (a third would pass 1000), the big one alone, the rest
     assert len(ids) == 5
     assert [f[b"payload"] for _, f in await r.xrange(STREAM)] == payloads
 

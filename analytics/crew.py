@@ -65,6 +65,10 @@ class AnalyticsConfig:
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     refit_threads: int = 1
     max_refits_in_flight: int = 4
+    #: Fits started per second at most. A fit costs tens of milliseconds of CPU (and some of the GIL); at tens of
+    #: thousands of readings/s the detector would ask for one every few milliseconds and starve scoring. Sensors
+    #: whose refit waits keep scoring with their current model.
+    max_fits_per_s: float = 4.0
     registry_refresh_s: float = 30.0
 
 
@@ -82,6 +86,8 @@ class AnalyticsHandler:
         self._ready: list[tuple[TrainingWindow, SensorModel | None]] = []
         self._checked: set[tuple[str, str]] = set()
         self._next_refresh = time.monotonic() + config.registry_refresh_s
+        self._fit_tokens = max(1.0, config.max_fits_per_s)
+        self._fit_clock = time.monotonic()
         # The bank is not thread-safe: scoring (sometimes in a thread) and installing models take turns.
         self._bank_lock = asyncio.Lock()
 
@@ -157,11 +163,16 @@ class AnalyticsHandler:
             MODELS_LOADED.inc()
 
     def _schedule_refits(self) -> None:
-        room = self.config.max_refits_in_flight - len(self._fits)
+        now = time.monotonic()
+        rate = self.config.max_fits_per_s
+        self._fit_tokens = min(max(1.0, rate), self._fit_tokens + (now - self._fit_clock) * rate)
+        self._fit_clock = now
+        room = min(self.config.max_refits_in_flight - len(self._fits), int(self._fit_tokens))
         if room <= 0:
             return
         loop = asyncio.get_running_loop()
         for window in self.bank.due_refits(limit=room):
+            self._fit_tokens -= 1
             fut = loop.run_in_executor(self._executor, _fit_safely, window)
             self._fits.add(fut)
             fut.add_done_callback(self._fit_done)

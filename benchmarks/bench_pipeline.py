@@ -1,0 +1,97 @@
+"""End-to-end throughput and latency of the whole pipeline on this machine.
+
+Each run is ``waterdoctor load --self-contained``: private Redis 7.0 and Mosquitto, the ingest, analytics and
+alerting crews as processes (SMS through the official twilio package to the local Twilio fake), and a publisher
+process... in this same process (paho in a thread), all on the same 2 cores. A configuration passes when nothing is
+lost or duplicated and the achieved rate is within 5 % of the offered one.
+
+Usage: .venv/bin/python benchmarks/bench_pipeline.py [--runs 3] [--duration 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Any
+
+from simulators.load import LoadConfig, run_load, verdict
+
+CONFIGS = [
+    # (label, rate, sites, sensors per site, batch, warm-up readings per sensor)
+    ("light: 1k/s, gateway batches of 10", 1_000, 4, 25, 10, 300),
+    ("medium: 10k/s, batches of 100", 10_000, 10, 100, 100, 0),
+    ("heavy: 30k/s, batches of 100", 30_000, 10, 100, 100, 0),
+    ("heavier: 50k/s, batches of 100", 50_000, 10, 100, 100, 0),
+]
+
+
+def loadavg() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--duration", type=float, default=20.0)
+    ap.add_argument("--only", help="substring of a configuration label")
+    args = ap.parse_args()
+    cpu = subprocess.run(
+        ["sh", "-c", "lscpu | grep 'Model name'"], capture_output=True, text=True
+    ).stdout.strip()
+    print(f"machine: {platform.machine()} {cpu} cores={os.cpu_count()}; load before: {loadavg()}")
+    rows = []
+    for label, rate, sites, sensors, batch, warm in CONFIGS:
+        if args.only and args.only not in label:
+            continue
+        runs: list[dict[str, Any]] = []
+        for _ in range(args.runs):
+            cfg = LoadConfig(
+                rate=rate, duration_s=args.duration, sites=sites, sensors=sensors, batch=batch,
+                warmup_readings=warm, anomaly_rate=0.002, seed=len(runs) + 1,
+            )  # fmt: skip
+            t = time.monotonic()
+            report = run_load(cfg, redis_url=None, mqtt_url=None, self_contained=True)
+            report["problems"] = verdict(report, cfg, strict=True)
+            report["wall_s"] = round(time.monotonic() - t, 1)
+            report["load"] = loadavg()
+            runs.append(report)
+            print(
+                label,
+                {k: report[k] for k in ("achieved_rate", "lost", "duplicated", "latency_ms", "problems")},
+            )
+        rows.append((label, runs))
+
+    def med(runs: list[dict[str, Any]], *path: str) -> str:
+        vals = []
+        for r in runs:
+            v: Any = r
+            for p in path:
+                v = v.get(p) if isinstance(v, dict) else None
+            if isinstance(v, int | float):
+                vals.append(float(v))
+        return f"{statistics.median(vals):,.0f}" if vals else "-"
+
+    print()
+    print(
+        "| configuration | offered/s | achieved/s | lost | duplicated | publish-to-anomaly p50 / p99 ms | "
+        "publish-to-SMS p50 / p99 ms | SMS duplicates | passed |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for label, runs in rows:
+        passed = sum(1 for r in runs if not r["problems"])
+        print(
+            f"| {label} | {med(runs, 'offered_rate')} | {med(runs, 'achieved_rate')} | "
+            f"{sum(r['lost'] for r in runs)} | {sum(r['duplicated'] for r in runs)} | "
+            f"{med(runs, 'latency_ms', 'p50')} / {med(runs, 'latency_ms', 'p99')} | "
+            f"{med(runs, 'sms', 'latency_ms', 'p50')} / {med(runs, 'sms', 'latency_ms', 'p99')} | "
+            f"{sum(r.get('sms', {}).get('duplicates', 0) for r in runs)} | {passed}/{len(runs)} |"
+        )
+    print(f"\nload after: {loadavg()}")
+
+
+if __name__ == "__main__":
+    main()

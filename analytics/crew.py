@@ -68,7 +68,7 @@ class AnalyticsConfig:
     #: Fits started per second at most. A fit costs tens of milliseconds of CPU (and some of the GIL); at tens of
     #: thousands of readings/s the detector would ask for one every few milliseconds and starve scoring. Sensors
     #: whose refit waits keep scoring with their current model.
-    max_fits_per_s: float = 4.0
+    max_fits_per_s: float = 2.0
     registry_refresh_s: float = 30.0
 
 

@@ -22,6 +22,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--warmup", type=int, default=200, help="readings per sensor before its first model")
     p.add_argument("--window", type=int, default=4096, help="training window per sensor")
     p.add_argument("--refit-every", type=int, default=2048, help="accepted readings between refits")
+    p.add_argument("--fits-per-s", type=float, default=2.0, help="model fits started per second at most")
     p.set_defaults(func=run)
 
 
@@ -45,6 +46,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             claim_idle_ms=settings.claim_idle_ms,
         ),
         detector=DetectorConfig(warmup=args.warmup, window=args.window, refit_every=args.refit_every),
+        max_fits_per_s=args.fits_per_s,
     )
 
     async def main(stop: asyncio.Event) -> None:

@@ -6,16 +6,17 @@ lock, too costly to do per reading at 100k readings/s.
 
 from __future__ import annotations
 
+from typing import get_args
+
 from prometheus_client import Counter, Gauge, Histogram
+
+from handoff.models import QuarantineReason
 
 READINGS = Counter("wd_ingest_readings_total", "Readings stored in wd:readings:v1 (new, after dedupe)")
 QUARANTINED = Counter(
     "wd_quarantined_total", "Messages or batch readings written to wd:quarantine:v1, by reason", ["reason"]
 )
-for _reason in (
-    "invalid_json", "schema", "non_finite", "too_large", "topic_mismatch", "bad_identifier", "clock_skew",
-    "rate_limited", "stale_seq",
-):  # fmt: skip
+for _reason in get_args(QuarantineReason):
     QUARANTINED.labels(_reason)  # exported at 0 from the start, so increase() sees the first one
 MESSAGES = Counter("wd_ingest_messages_total", "MQTT messages processed (written and acknowledged)")
 ACKED = Counter("wd_ingest_acked_total", "PUBACKs sent after the write")

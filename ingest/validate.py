@@ -35,13 +35,13 @@ import math
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final
 
 import orjson
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, with_config
 from typing_extensions import TypedDict
 
-from handoff.models import Identifier, Metrics, Seq
+from handoff.models import Identifier, Metrics, QuarantineReason, Seq
 
 __all__ = [
     "BATCH_MAX_BYTES",
@@ -57,17 +57,7 @@ __all__ = [
     "validate_message",
 ]
 
-Reason = Literal[
-    "invalid_json",
-    "schema",
-    "non_finite",
-    "too_large",
-    "topic_mismatch",
-    "bad_identifier",
-    "clock_skew",
-    "rate_limited",
-    "stale_seq",
-]
+Reason = QuarantineReason  # one list of reasons: the contract model's
 
 SINGLE_MAX_BYTES: Final = 64 * 1024
 BATCH_MAX_BYTES: Final = 512 * 1024

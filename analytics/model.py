@@ -177,6 +177,8 @@ class SensorModel:
             below ``stuck_min_run``; metrics that repeat in more than half the training pairs are never "stuck".
         trim_z: training readings with a residual beyond this many spreads are left out of the forest and the
             envelope (faults that slipped into the window during warm-up).
+        range_quantile: the normal range of each metric's level (``level_lo_``, ``level_hi_``) is between this
+            quantile of the training window and its complement (used to recognise recoveries).
         min_train: fewest training readings accepted by :meth:`fit`.
         keep_estimator: keep the fitted scikit-learn forest in ``estimator_`` (about 1 MB per model; off by
             default: scoring needs only the compiled arrays, and a crew holds one model per sensor).
@@ -201,6 +203,7 @@ class SensorModel:
         stuck_fpr: float = 1e-6,
         stuck_min_run: int = 4,
         trim_z: float = 10.0,
+        range_quantile: float = 0.01,
         min_train: int = 32,
         keep_estimator: bool = False,
     ) -> None:
@@ -220,6 +223,7 @@ class SensorModel:
         self.stuck_fpr = stuck_fpr
         self.stuck_min_run = stuck_min_run
         self.trim_z = trim_z
+        self.range_quantile = range_quantile
         self.min_train = min_train
         self.keep_estimator = keep_estimator
 
@@ -240,6 +244,7 @@ class SensorModel:
         "stuck_fpr",
         "stuck_min_run",
         "trim_z",
+        "range_quantile",
         "min_train",
         "keep_estimator",
     )
@@ -355,8 +360,11 @@ class SensorModel:
             Z, levels = Z[clean], levels[clean]
         self.feature_lo_ = Z.min(axis=0)
         self.feature_hi_ = Z.max(axis=0)
-        self.level_lo_ = levels.min(axis=0)
-        self.level_hi_ = levels.max(axis=0)
+        # The normal range for the recovery rule: 1 % / 99 % quantiles, not min / max, so that the few readings
+        # of an undetected fault (a slow drift) that reached the window do not stretch it.
+        self.level_lo_, self.level_hi_ = np.quantile(
+            levels, [self.range_quantile, 1 - self.range_quantile], axis=0
+        )
 
         est = IsolationForest(
             n_estimators=self.n_estimators,
@@ -448,7 +456,8 @@ class SensorModel:
 
     def is_recovery(self, values: F64, baseline: F64, z: F64) -> bool:
         """Does this flagged jump look like a return to normal? Every metric that jumped past the envelope came
-        from a baseline outside its training range (widened by ``envelope_guard`` spreads) to a value inside it:
+        from a baseline outside its normal range (``level_lo_``..``level_hi_`` widened by ``envelope_guard`` level
+        spreads) to a value inside it:
         the end of a fault the baseline had followed. The detector waits for the next reading to confirm it.
         """
         k = len(self.metrics_)

@@ -262,10 +262,14 @@ def run_load(
 
                 fake = stack.enter_context(TwilioFake().in_thread())
                 extra_env = sms_env(fake.account_sid, fake.auth_token, fake.base_url, cfg.sites, tmp)
+            crew_args = dict(cfg.crew_args)
+            if cfg.warmup_readings and "analytics" not in crew_args:
+                # Fit the warm-up's models quickly: the measured run should start with every sensor modelled.
+                crew_args["analytics"] = ["--fits-per-s", "20"]
             pipeline = Pipeline(
                 data_dir=tmp,
                 redis_kind=cfg.redis_kind,
-                crew_args=cfg.crew_args,
+                crew_args=crew_args,
                 crews=("ingest", "analytics", "alerting"),
                 extra_env=extra_env,
             )

@@ -298,6 +298,7 @@ def run_load(
             say(f"warm-up: {cfg.warmup_readings} readings per sensor ({warm_ms / 1000:.0f}s of fleet time)")
             n_sensors = cfg.sites * cfg.sensors
             deadline = time.monotonic() + cfg.model_wait_s
+            last, last_change = -1, time.monotonic()
             while True:
                 # Keep the fleet's clock on the wall clock while models are fitted, and let the pipeline drain,
                 # so the measured run starts with no backlog.
@@ -306,7 +307,11 @@ def run_load(
                 publisher.drain(60)
                 wait_drained(r, len(log.acked_keys()), 60)
                 ready = r.hlen(keys.MODEL_GENERATIONS)
-                if ready >= n_sensors or time.monotonic() > deadline:
+                if ready != last:
+                    last, last_change = ready, time.monotonic()
+                # Sensors that were silent through the warm-up get no model yet: stop once the count settles.
+                settled = ready > 0 and time.monotonic() - last_change > 8.0
+                if ready >= n_sensors or settled or time.monotonic() > deadline:
                     break
                 time.sleep(1.0)
             say(f"models ready for {ready}/{n_sensors} sensors")

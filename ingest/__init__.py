@@ -4,7 +4,7 @@
 * :mod:`ingest.store`: the dedupe-and-append script and quarantine writes;
 * :mod:`ingest.mqtt`: paho-mqtt 2 intake with late PUBACKs;
 * :mod:`ingest.ratelimit`: per-device token buckets;
-* :mod:`ingest.crew`: the loop that ties them together (``waterdoctor ingest`` / ``python -m ingest``).
+* :mod:`ingest.crew`: the loop that ties them together (``waterdoctor ingest``).
 """
 
 from ingest.crew import IngestConfig, IngestCrew, IngestStats

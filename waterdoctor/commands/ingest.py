@@ -32,7 +32,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    """The ingest flags (shared by ``waterdoctor ingest`` and ``python -m ingest``)."""
+    """The ingest flags."""
     p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT, help="Prometheus port (0: off)")
     p.add_argument(
         "--client-id",

@@ -28,9 +28,9 @@ Baselines (what a jump is measured from: the median of the sensor's last few acc
   lasts; its other metrics still move the baseline (demand and weather do not wait for a fault to end).
 * After ``rebaseline_after`` consecutive flagged readings the sensor is taken to have a new normal and the baseline
   jumps to it (the model is level-independent, so nothing else needs to change).
-* Recovery: a flagged jump that takes a metric from outside its training range back inside it, confirmed by the
-  next reading (same level), moves the baseline there: the end of a fault the baseline had followed (a drift)
-  costs one alert, not ``rebaseline_after``.
+* Recovery: a flagged jump that takes a metric from outside its normal range back inside it, or back to a level it
+  held within the last hour, confirmed by the next reading (same level), moves the baseline there: the end of a
+  fault the baseline had followed (a drift) costs one alert, not ``rebaseline_after``.
 * Silence: a reading more than ``gap_factor`` typical intervals after the previous one restarts the baseline.
 """
 
@@ -74,9 +74,12 @@ HARD_LIMITS: Mapping[str, tuple[float | None, float | None]] = {
     "dissolved_oxygen_mg_l": (0.0, None),
 }
 
-MAX_METRICS_PER_SENSOR = (
-    64  # beyond this a sensor's new metric names are ignored by the model (hard limits apply)
-)
+#: Beyond this many names per sensor, new metric names are ignored by the model (hard limits still apply).
+MAX_METRICS_PER_SENSOR = 64
+#: The recovery rule remembers a sensor's level every LEVEL_EVERY accepted readings (5 minutes at one per 10 s),
+#: RECENT_LEVELS of them (the last hour).
+LEVEL_EVERY = 30
+RECENT_LEVELS = 12
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +172,11 @@ class SensorDetector:
         self._history_len = int(SensorModel(**dict(self.config.model_params)).baseline_window)
         self._hist = np.full((self._history_len, width), np.nan)
         self._slow = np.full(width, np.nan)
+        # Levels the sensor held lately (one row per LEVEL_EVERY accepted readings, RECENT_LEVELS rows): a jump
+        # back to one of them is how the end of a drift looks.
+        self._levels = np.full((RECENT_LEVELS, width), np.nan)
+        self._levels_n = 0
+        self._accepted_total = 0
         self._model_cols = np.zeros(0, dtype=np.intp)  # registry column of each model metric
 
     # ------------------------------------------------------------------ refit protocol
@@ -260,6 +268,7 @@ class SensorDetector:
             self._run = np.concatenate([self._run, np.zeros(grow, np.int64)])
             self._hist = np.hstack([self._hist, np.full((self._hist.shape[0], grow), np.nan)])
             self._slow = np.concatenate([self._slow, np.full(grow, np.nan)])
+            self._levels = np.hstack([self._levels, np.full((self._levels.shape[0], grow), np.nan)])
         return col
 
     def _matrix(self, readings: Sequence[Mapping[str, Any]]) -> F64:
@@ -451,12 +460,16 @@ class SensorDetector:
             else:
                 implicated = [int(mcols[c]) for c in np.flatnonzero(stuck[i])]
             self._advance_baselines(values[i], implicated)
-            if anomaly["rule"] == "model" and model.is_recovery(mvals[i], fast_b[j], Z[j]):
-                # A jump from outside the training range back into it may be the end of a fault the baseline had
-                # followed (a drift): if the next reading confirms the new level, the baseline moves there. Not
-                # at once: a spike toward the middle (say, during rain) must not become the baseline.
-                jumped = model.envelope_excess(Z[j : j + 1])[0, :k] > 0
-                self._return_pending = (mvals[i].copy(), jumped)
+            jumped = model.envelope_excess(Z[j : j + 1])[0, :k] > 0
+            if anomaly["rule"] == "model" and jumped.any():
+                returning = model.is_recovery(mvals[i], fast_b[j], Z[j]) or self._back_to_recent_level(
+                    mvals[i], fast_b[j], jumped
+                )
+                if returning:
+                    # Possibly the end of a fault the baseline had followed (a drift): if the next reading confirms
+                    # the level, the baseline moves there. Not at once: a spike toward the middle (say, during
+                    # rain) must not become the baseline.
+                    self._return_pending = (mvals[i].copy(), jumped)
             self.consecutive_flags += 1
             if self.consecutive_flags >= self.config.rebaseline_after and not hard[i]:
                 # A new normal: let the baseline jump to it (the reading itself stays out of the training data).
@@ -491,6 +504,7 @@ class SensorDetector:
         self._buf_pos = (self._buf_pos + 1) % cap
         self._buf_len = min(cap, self._buf_len + 1)
         self._accepted_since_fit += 1
+        self._record_levels(1)
         last = self._hist[-1]
         new = np.where(np.isnan(row), last, row)
         self._hist[:-1] = self._hist[1:]
@@ -521,6 +535,7 @@ class SensorDetector:
             self._buf_len = min(cap, self._buf_len + n)
         self._accepted_since_fit += n
         self._hist = _history_update(self._hist, values)
+        self._record_levels(n)
         params = self.model.get_params() if self.model is not None else self.config.model_params
         alpha_s = float(params.get("slow_alpha", 0.0))
         if alpha_s > 0:
@@ -550,6 +565,29 @@ class SensorDetector:
         present = ~np.isnan(mrow)
         self._hist[:, cols[present]] = mrow[present]
         self._return_pending = None
+
+    def _back_to_recent_level(self, x: F64, base: F64, jumped: NDArray[np.bool_]) -> bool:
+        """Did every jumped metric land where the sensor was within the last hour (``recent_levels``)?
+
+        "Where it was" is within a quarter of the jump: a drift's end lands back on its starting level, a level
+        shift lands somewhere the sensor has not been lately.
+        """
+        if self._levels_n == 0:
+            return False
+        cols = self._model_cols[jumped]
+        past = self._levels[: min(self._levels_n, self._levels.shape[0])][:, cols]  # (m, j)
+        tol = 0.25 * np.abs(x[jumped] - base[jumped])
+        with np.errstate(invalid="ignore"):
+            near = np.abs(past - x[jumped][None, :]) <= tol[None, :]
+        return bool(near.any(axis=0).all())
+
+    def _record_levels(self, n_accepted: int) -> None:
+        """Every ``LEVEL_EVERY`` accepted readings, remember the current baseline level of every metric."""
+        before = self._accepted_total
+        self._accepted_total += n_accepted
+        if self._accepted_total // LEVEL_EVERY != before // LEVEL_EVERY:
+            self._levels[self._levels_n % self._levels.shape[0]] = self._hist[-1]
+            self._levels_n += 1
 
     def _check_return(self, x: F64, model: SensorModel) -> None:
         """Second half of the return-to-normal rule: is ``x`` consistent with the flagged level before it?"""

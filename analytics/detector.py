@@ -13,7 +13,7 @@ and gets back the anomalies to emit, at most one per reading, as contract ``Anom
     ``critical_threshold_``.
 ``stuck``
     a metric repeated the identical value for longer than its training data makes plausible (the model's
-    ``stuck_run_``); ``warning``. ``score``/``threshold`` are the model's for that reading.
+    ``stuck_run_``), other than a floor or ceiling it saturates at (``saturated_lo_``/``saturated_hi_``); ``warning``. ``score``/``threshold`` are the model's for that reading.
 
 Warm-up: until a sensor has ``warmup`` accepted readings it has no model, so only hard limits fire. Then the
 crew fits one (:meth:`SensorDetector.training_window` + :func:`fit_model`, off the event loop) and installs it.
@@ -382,8 +382,11 @@ class SensorDetector:
         mvals = values[:, mcols]
         stuck_limit = model.stuck_run_
         stuck = (
-            runs[:, mcols] >= np.where(stuck_limit > 0, stuck_limit, np.iinfo(np.int64).max)
-        ) & ~np.isnan(mvals)
+            (runs[:, mcols] >= np.where(stuck_limit > 0, stuck_limit, np.iinfo(np.int64).max))
+            & ~np.isnan(mvals)
+            & (mvals != model.saturated_lo_)  # sitting at a floor or ceiling the sensor saturates at
+            & (mvals != model.saturated_hi_)
+        )
         alpha_s = model.slow_alpha
         m = len(rows)
         start = 0
@@ -493,7 +496,8 @@ class SensorDetector:
         hist = self._hist[-h:, mcols]
         if np.isnan(x).any() or np.isnan(hist[-1]).any():
             return False
-        if ((runs[mcols] >= model.stuck_run_) & (model.stuck_run_ > 0)).any():
+        at_limit = (x == model.saturated_lo_) | (x == model.saturated_hi_)
+        if ((runs[mcols] >= model.stuck_run_) & (model.stuck_run_ > 0) & ~at_limit).any():
             return False
         base = np.partition(hist, h // 2, axis=0)[h // 2] if h % 2 else np.median(hist, axis=0)
         if model.score_row((x - base) / model.fast_scale_) >= model.threshold_:

@@ -179,6 +179,8 @@ class SensorModel:
             envelope (faults that slipped into the window during warm-up).
         range_quantile: the normal range of each metric's level (``level_lo_``, ``level_hi_``) is between this
             quantile of the training window and its complement (used to recognise recoveries).
+        saturation_share: a metric whose training minimum (maximum) holds at least this share of the readings
+            saturates there (``saturated_lo_``/``saturated_hi_``): runs at that value are not "stuck".
         min_train: fewest training readings accepted by :meth:`fit`.
         keep_estimator: keep the fitted scikit-learn forest in ``estimator_`` (about 1 MB per model; off by
             default: scoring needs only the compiled arrays, and a crew holds one model per sensor).
@@ -204,6 +206,7 @@ class SensorModel:
         stuck_min_run: int = 4,
         trim_z: float = 10.0,
         range_quantile: float = 0.01,
+        saturation_share: float = 0.002,
         min_train: int = 32,
         keep_estimator: bool = False,
     ) -> None:
@@ -224,6 +227,7 @@ class SensorModel:
         self.stuck_min_run = stuck_min_run
         self.trim_z = trim_z
         self.range_quantile = range_quantile
+        self.saturation_share = saturation_share
         self.min_train = min_train
         self.keep_estimator = keep_estimator
 
@@ -245,6 +249,7 @@ class SensorModel:
         "stuck_min_run",
         "trim_z",
         "range_quantile",
+        "saturation_share",
         "min_train",
         "keep_estimator",
     )
@@ -259,6 +264,8 @@ class SensorModel:
     feature_hi_: F64
     level_lo_: F64
     level_hi_: F64
+    saturated_lo_: F64
+    saturated_hi_: F64
     stuck_run_: NDArray[np.int64]
     forest_: CompiledForest
     estimator_: IsolationForest | None
@@ -337,6 +344,7 @@ class SensorModel:
         self.center_ = center
         self.scale_ = np.array([robust_spread(X[:, j]) for j in range(X.shape[1])])
         self.stuck_run_ = self._calibrate_stuck(X)
+        self.saturated_lo_, self.saturated_hi_ = self._saturation(X)
 
         filled = forward_fill(X, center)
         h = self.baseline_window
@@ -410,6 +418,27 @@ class SensorModel:
             need = 1 + math.ceil(math.log(self.stuck_fpr) / math.log(p))
             runs[j] = max(self.stuck_min_run, need)
         return runs
+
+    def _saturation(self, X: F64) -> tuple[F64, F64]:
+        """Per metric, the training minimum / maximum if the metric sits exactly there often (NaN otherwise).
+
+        A value clipped at a floor (intake chlorine at 0 mg/L) repeats for good reasons: runs of it are a
+        saturated signal, not a stuck sensor. "Often": at least ``saturation_share`` of the readings.
+        """
+        k = X.shape[1]
+        lo, hi = np.full(k, np.nan), np.full(k, np.nan)
+        for j in range(k):
+            col = X[:, j][~np.isnan(X[:, j])]
+            if col.size == 0:
+                continue
+            need = max(5, self.saturation_share * col.size)
+            vmin, vmax = col.min(), col.max()
+            if vmin != vmax:
+                if (col == vmin).sum() >= need:
+                    lo[j] = vmin
+                if (col == vmax).sum() >= need:
+                    hi[j] = vmax
+        return lo, hi
 
     def _content_hash(self) -> str:
         h = hashlib.sha256()
@@ -590,6 +619,8 @@ class SensorModel:
             feature_hi=self.feature_hi_,
             level_lo=self.level_lo_,
             level_hi=self.level_hi_,
+            saturated_lo=self.saturated_lo_,
+            saturated_hi=self.saturated_hi_,
             stuck_run=self.stuck_run_,
             meta_json=np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8),
         )
@@ -642,6 +673,8 @@ class SensorModel:
             model.feature_hi_ = arrays["feature_hi"]
             model.level_lo_ = arrays["level_lo"]
             model.level_hi_ = arrays["level_hi"]
+            model.saturated_lo_ = arrays["saturated_lo"]
+            model.saturated_hi_ = arrays["saturated_hi"]
             model.stuck_run_ = arrays["stuck_run"].astype(np.int64)
             model.threshold_ = float(meta["threshold"])
             model.critical_threshold_ = float(meta["critical_threshold"])

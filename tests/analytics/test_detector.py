@@ -280,6 +280,26 @@ def test_stuck_metric_raises_warnings() -> None:
     assert out[0]["severity"] == "warning" and out[0]["explanation"][0]["metric"] == "flow_m3_h"
 
 
+def test_a_run_at_a_floor_the_sensor_saturates_at_is_not_stuck() -> None:
+    # Raw-water chlorine hovers near 0 mg/L and reads exactly 0 now and then: long runs of 0 are normal there.
+    s = Sensor(seed=16)
+    rng = np.random.default_rng(16)
+
+    def low_chlorine() -> dict[str, Any]:
+        return s.reading(chlorine_mg_l=max(0.0, round(float(rng.normal(0.02, 0.01)), 3)))
+
+    bank = DetectorBank(config())
+    for _ in range(12):
+        bank.process([low_chlorine() for _ in range(50)])
+        bank.refit_due_now()
+    model = bank.sensor(s.site, s.sensor_id).model
+    assert model is not None and model.saturated_lo_[model.metrics_.index("chlorine_mg_l")] == 0.0
+    assert bank.process([s.reading(chlorine_mg_l=0.0) for _ in range(40)]) == []
+    # Frozen anywhere else, it is stuck.
+    out = bank.process([s.reading(chlorine_mg_l=0.031) for _ in range(40)])
+    assert out and {a["rule"] for a in out} == {"stuck"}
+
+
 def test_at_most_one_anomaly_per_reading_duplicates_and_stale_readings() -> None:
     s = Sensor(seed=9)
     bank = warmed_bank(s)

@@ -170,6 +170,18 @@ def test_stuck_run_reflects_how_often_values_repeat() -> None:
     assert runs["ph"] > runs["turbidity_ntu"] >= m.stuck_min_run
 
 
+def test_saturation_values_are_learned() -> None:
+    X = normal_readings(2000, seed=16)
+    X[:, 0] = np.clip(
+        np.random.default_rng(16).normal(0.02, 0.01, size=2000).round(3), 0.0, None
+    )  # at 0: ~2 %
+    m = SensorModel(random_state=0).fit_matrix(X, METRICS)
+    assert m.saturated_lo_[0] == 0.0 and np.isnan(m.saturated_hi_[0])
+    assert np.isnan(m.saturated_lo_[1:]).all() and np.isnan(m.saturated_hi_[1:]).all()
+    again = SensorModel.from_bytes(m.to_bytes())
+    np.testing.assert_array_equal(again.saturated_lo_, m.saturated_lo_)
+
+
 def test_fit_refuses_bad_input() -> None:
     with pytest.raises(ValueError, match="at least"):
         SensorModel().fit_matrix(normal_readings(5, seed=0), METRICS)

@@ -50,6 +50,9 @@ __all__ = [
     "ModelVersionMismatch",
     "SensorModel",
     "ewma_baselines",
+    "forward_fill",
+    "library_versions",
+    "median_baselines",
     "robust_spread",
 ]
 

@@ -157,7 +157,8 @@ def main() -> None:
         end="",
     )
     print(
-        f"{os.cpu_count()} CPUs, {args.trees} trees, max_samples 256, {args.features} features, runs {args.runs}"
+        f"{os.cpu_count()} CPUs, {args.trees} trees, max_samples 256, {args.features} features, runs {args.runs}, "
+        f"{args.clock} clock, load average {os.getloadavg()[0]:.1f} at start"
     )
     print()
     print(

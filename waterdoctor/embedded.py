@@ -3,6 +3,11 @@
 Used by ``waterdoctor up`` (embedded defaults), by ``waterdoctor load --self-contained`` and by the test fixtures, so
 that nothing ever touches the shared servers on the default ports. Each server gets a free port, its own data
 directory, and can be stopped (gracefully or with SIGKILL) and started again on the same port and data.
+
+The embedded MQTT broker is ``mosquitto`` when it is installed, otherwise the built-in pure-Python broker
+(:mod:`waterdoctor.broker`); see :func:`embedded_broker`. The environment variable ``WD_EMBEDDED_BROKER``
+(``auto``, the default, ``mosquitto`` or ``builtin``) forces one: an internal knob for ``up`` and the tests, not
+part of the contract.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +26,7 @@ from types import TracebackType
 from typing import Literal, Self
 
 ServerKind = Literal["redis", "valkey"]
+BrokerKind = Literal["mosquitto", "builtin"]
 
 
 class EmbeddedError(RuntimeError):
@@ -260,3 +267,52 @@ class MosquittoBroker(_ChildServer):
             )
         )
         return [binary, "-c", str(conf)]
+
+
+class BuiltinBroker(_ChildServer):
+    """The pure-Python MQTT 5 / 3.1.1 broker of :mod:`waterdoctor.broker`, for machines without mosquitto.
+
+    With ``persistence`` it saves its sessions to ``data_dir`` on a clean stop (SIGTERM) and loads them at start;
+    a SIGKILL loses what it held in memory.
+    """
+
+    name = "wd-broker"
+
+    def __init__(
+        self, data_dir: str | Path | None = None, port: int | None = None, persistence: bool = True
+    ) -> None:
+        super().__init__(data_dir, port)
+        self.persistence = persistence
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def _argv(self) -> list[str]:
+        argv = [sys.executable, "-m", "waterdoctor.broker", "--host", self.host, "--port", str(self.port)]
+        return argv + (["--data-dir", str(self.data_dir)] if self.persistence else [])
+
+
+MqttBroker = MosquittoBroker | BuiltinBroker
+
+
+def broker_kind(requested: str | None = None) -> BrokerKind:
+    """Which embedded broker to start: ``requested`` or ``$WD_EMBEDDED_BROKER`` (``auto`` when unset).
+
+    ``auto`` picks mosquitto when :func:`mosquitto_binary` finds it, else the built-in broker.
+    """
+    choice = (requested or os.environ.get("WD_EMBEDDED_BROKER") or "auto").strip().lower()
+    if choice == "auto":
+        return "mosquitto" if mosquitto_binary() is not None else "builtin"
+    if choice in ("mosquitto", "builtin"):
+        return "mosquitto" if choice == "mosquitto" else "builtin"
+    raise EmbeddedError(f"WD_EMBEDDED_BROKER must be auto, mosquitto or builtin, not {choice!r}")
+
+
+def embedded_broker(
+    data_dir: str | Path | None = None, port: int | None = None, kind: str | None = None
+) -> MqttBroker:
+    """A not yet started private MQTT broker of :func:`broker_kind` ``(kind)``."""
+    if broker_kind(kind) == "mosquitto":
+        return MosquittoBroker(data_dir=data_dir, port=port)
+    return BuiltinBroker(data_dir=data_dir, port=port)

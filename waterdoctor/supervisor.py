@@ -19,7 +19,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from waterdoctor.embedded import MosquittoBroker, RedisServer, free_port
+from waterdoctor.embedded import (
+    MqttBroker,
+    RedisServer,
+    broker_kind,
+    embedded_broker,
+    free_port,
+    mosquitto_binary,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +63,7 @@ class Pipeline:
     def __post_init__(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.redis_server: RedisServer | None = None
-        self.broker: MosquittoBroker | None = None
+        self.broker: MqttBroker | None = None
         self.processes: dict[str, CrewProcess] = {}
 
     # -- servers ---------------------------------------------------------------------------------------------
@@ -71,9 +78,15 @@ class Pipeline:
             self.redis_url = self.redis_server.url
             logger.info("embedded %s at %s", self.redis_kind, self.redis_url)
         if self.mqtt_url is None:
-            self.broker = MosquittoBroker(data_dir=self.data_dir / "mosquitto").start()
+            # mosquitto when installed, else the built-in broker; WD_EMBEDDED_BROKER forces one.
+            kind = broker_kind()
+            self.broker = embedded_broker(self.data_dir / kind, kind=kind).start()
             self.mqtt_url = self.broker.url
-            logger.info("embedded mosquitto at %s", self.mqtt_url)
+            if kind == "mosquitto":
+                logger.info("embedded mosquitto at %s", self.mqtt_url)
+            else:
+                why = "WD_EMBEDDED_BROKER=builtin" if mosquitto_binary() else "mosquitto not installed"
+                logger.info("built-in MQTT broker at %s (%s)", self.mqtt_url, why)
 
     @property
     def env(self) -> dict[str, str]:

@@ -12,7 +12,7 @@ import pytest
 import redis
 import redis.asyncio as aredis
 
-from waterdoctor.embedded import MosquittoBroker, RedisServer
+from waterdoctor.embedded import BuiltinBroker, MosquittoBroker, RedisServer
 
 DEFAULT_PORTS = {6379, 1883}
 
@@ -81,5 +81,13 @@ def mosquitto_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosq
 def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
     """A broker of its own per test (sessions and retained state do not leak between tests)."""
     with MosquittoBroker(data_dir=tmp_path_factory.mktemp("mosq")) as broker:
+        assert broker.port not in DEFAULT_PORTS
+        yield broker
+
+
+@pytest.fixture
+def builtin_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BuiltinBroker]:
+    """The built-in pure-Python broker (waterdoctor.broker), one per test, persisting to its own folder."""
+    with BuiltinBroker(data_dir=tmp_path_factory.mktemp("wdbroker")) as broker:
         assert broker.port not in DEFAULT_PORTS
         yield broker

@@ -193,8 +193,10 @@ class IngestCrew:
                 if intake.held() == 0:
                     await self._wake.wait()
                     continue
-                if intake.held() < batch_size:
-                    # Give the batch a few milliseconds to fill: one round trip then carries many messages.
+                if inflight and intake.held() < batch_size:
+                    # Group commit: while a write is in flight, let the next batch fill until it is full, that
+                    # write is done, or flush_ms passed; one round trip then carries many messages. An idle ingest
+                    # (nothing in flight) writes at once, so a lone reading pays no waiting at all.
                     self._full.clear()
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(flush_s):
@@ -224,6 +226,7 @@ class IngestCrew:
             raise self._failure
 
     def _check_flush(self, task: asyncio.Task[bool]) -> None:
+        self._full.set()  # a write finished: the batch waiting for it goes now
         # A flush that raised is a bug: surface it from the loop instead of losing it with the task.
         if not task.cancelled() and task.exception() is not None:
             self._failure = task.exception()

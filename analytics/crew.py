@@ -82,8 +82,8 @@ class AnalyticsHandler:
         self.registry = ModelRegistry(redis)
         self.max_age_ms = int(config.retention_days * 86_400_000)
         self._executor = ThreadPoolExecutor(config.refit_threads, thread_name_prefix="refit")
-        self._fits: set[asyncio.Future[tuple[TrainingWindow, SensorModel | None]]] = set()
-        self._ready: list[tuple[TrainingWindow, SensorModel | None]] = []
+        self._fits: set[asyncio.Future[FitResult]] = set()
+        self._ready: list[FitResult] = []
         self._checked: set[tuple[str, str]] = set()
         self._next_refresh = time.monotonic() + config.registry_refresh_s
         self._fit_tokens = max(1.0, config.max_fits_per_s)
@@ -177,7 +177,7 @@ class AnalyticsHandler:
             self._fits.add(fut)
             fut.add_done_callback(self._fit_done)
 
-    def _fit_done(self, fut: asyncio.Future[tuple[TrainingWindow, SensorModel | None]]) -> None:
+    def _fit_done(self, fut: asyncio.Future[FitResult]) -> None:
         self._fits.discard(fut)
         if not fut.cancelled() and fut.exception() is None:
             # Installed at the start of the next batch, never while a batch is being scored.
@@ -185,7 +185,7 @@ class AnalyticsHandler:
 
     async def _install_ready(self) -> None:
         ready, self._ready = self._ready, []
-        for window, model in ready:
+        for window, model, blob in ready:
             detector = self.bank.sensor(window.site, window.sensor_id)
             if model is None:
                 detector.abandon_refit()
@@ -194,7 +194,7 @@ class AnalyticsHandler:
             detector.install(model)
             FITS.labels("ok").inc()
             try:
-                await self.registry.save(window.site, window.sensor_id, model)
+                await self.registry.save(window.site, window.sensor_id, model, blob)
             except Exception:  # the model still serves this process; the next refit saves again
                 logger.warning("could not save model %s", model.model_version_, exc_info=True)
 
@@ -209,19 +209,26 @@ class AnalyticsHandler:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _fit_safely(window: TrainingWindow) -> tuple[TrainingWindow, SensorModel | None]:
+#: A finished fit: the window, the model (None: the fit failed) and its registry bytes.
+FitResult = tuple[TrainingWindow, SensorModel | None, bytes | None]
+
+
+def _fit_safely(window: TrainingWindow) -> FitResult:
     try:
         model = fit_model(window)
+        # Serialized here, in the refit thread (zlib releases the GIL): ~7 ms of CPU the event loop, which
+        # scores readings, would otherwise spend per installed model.
+        blob = model.to_bytes()
     except Exception:
         logger.warning("fit failed for %s", window.model_version, exc_info=True)
-        return window, None
+        return window, None, None
     logger.info(
         "fitted %s on %d readings (generation %d)",
         window.model_version,
         len(window.values),
         generation_of(model),
     )
-    return window, model
+    return window, model, blob
 
 
 async def run_analytics(

@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -70,29 +72,40 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 class AlertListener:
-    """Records when each ``alert_id`` first arrives on the Pub/Sub channel (a thread with its own connection)."""
+    """Records when each ``alert_id`` first arrives on the Pub/Sub channel (:mod:`simulators.listen`, a child process)."""
 
-    def __init__(self, url: str) -> None:
-        self.client = redis.Redis.from_url(url)
-        self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-        self.arrivals: dict[str, float] = {}
-        self.pubsub.subscribe(**{keys.ALERTS_CHANNEL: self._handle})
-        self.thread = self.pubsub.run_in_thread(
-            sleep_time=0.05, daemon=True, exception_handler=self._on_error
+    def __init__(self, url: str, folder: Path) -> None:
+        self.out = Path(folder) / "alert-arrivals.tsv"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "simulators.listen", url, str(self.out)], stdout=subprocess.PIPE, text=True
         )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if line != "READY":
+            self.close()
+            raise RuntimeError(f"alert listener did not start: {line!r}")
 
-    def _handle(self, message: dict[str, Any]) -> None:
-        now = time.time() * 1000
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            self.arrivals.setdefault(orjson.loads(message["data"])["alert_id"], now)
-
-    def _on_error(self, exc: BaseException, pubsub: Any, thread: Any) -> None:
-        logger.warning("alert listener: %s", exc)
+    def collect(self) -> dict[str, float]:
+        """Stop listening and return ``{alert_id: first arrival, epoch ms}``."""
+        self.close()
+        arrivals: dict[str, float] = {}
+        if self.out.exists():
+            for line in self.out.read_text().splitlines():
+                alert_id, _, at = line.partition("\t")
+                with contextlib.suppress(ValueError):
+                    arrivals.setdefault(alert_id, float(at))
+        return arrivals
 
     def close(self) -> None:
-        self.thread.stop()  # closes the pubsub connection too
-        self.thread.join(timeout=5)
-        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 def read_stream(r: redis.Redis, stream: str, chunk: int = 5000) -> list[tuple[str, bytes]]:
@@ -252,15 +265,16 @@ def run_load(
     stack = contextlib.ExitStack()
     fake: Any = None
     with stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="wd-load-")))
         if self_contained:
             from waterdoctor.supervisor import Pipeline
 
-            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="wd-load-")))
             extra_env: dict[str, str] = {}
             if cfg.sms:
-                from simulators.twilio_fake import TwilioFake
+                from simulators.twilio_fake import TwilioFakeProcess
 
-                fake = stack.enter_context(TwilioFake().in_thread())
+                # Its own process: acceptance times must not wait for this process's GIL (the publisher's).
+                fake = stack.enter_context(TwilioFakeProcess(tmp))
                 extra_env = sms_env(fake.account_sid, fake.auth_token, fake.base_url, cfg.sites, tmp)
             crew_args = dict(cfg.crew_args)
             if cfg.warmup_readings and "analytics" not in crew_args:
@@ -282,7 +296,7 @@ def run_load(
             raise ValueError("load needs WD_REDIS_URL and WD_MQTT_URL, or --self-contained")
         r = redis.Redis.from_url(redis_url)
         stack.callback(r.close)
-        listener = AlertListener(redis_url)
+        listener = AlertListener(redis_url, tmp)
         stack.callback(listener.close)
         interval_s = cfg.sites * cfg.sensors / cfg.rate
         warm_ms = round(cfg.warmup_readings * interval_s * 1000)
@@ -332,13 +346,11 @@ def run_load(
         drained = wait_drained(r, len(log.acked_keys()), cfg.drain_timeout_s)
         say(f"drained in {time.monotonic() - t_drain:.1f}s" if drained else "NOT drained")
         time.sleep(1.0)  # let the last Pub/Sub alerts arrive
-        report = build_report(cfg, stats, log, r, dict(listener.arrivals), exclude=warm_keys)
+        report = build_report(cfg, stats, log, r, listener.collect(), exclude=warm_keys)
         report["drained"] = drained
         if fake is not None:
             time.sleep(2.0)  # the last SMS of the run
-            report["sms"] = sms_report(
-                [(a.alert_id, a.to, a.at) for a in list(fake.accepted)], log, warm_keys
-            )
+            report["sms"] = sms_report([(a.alert_id, a.to, a.at) for a in fake.accepted()], log, warm_keys)
         return report
 
 

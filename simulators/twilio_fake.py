@@ -9,6 +9,8 @@ Use it three ways:
 - from a benchmark in a thread of its own: ``with TwilioFake(...).in_thread() as fake: ...``;
 - as a subprocess: ``python -m simulators.twilio_fake --port 0 --record accepted.jsonl`` prints
   ``READY http://127.0.0.1:PORT`` on stdout once it listens; each accepted message is appended to the record file.
+  :class:`TwilioFakeProcess` does that for you (load runs use it, so that acceptance times are taken in a process
+  that does nothing else, not one whose GIL a publisher holds).
 
 Faults (``Faults``): 429 with ``Retry-After``, 500, 503, a hang past the client's timeout that may still accept the
 message (an "unknown outcome" where the SMS really went out), and a connection reset after accepting. They are drawn
@@ -25,6 +27,7 @@ import json
 import random
 import re
 import secrets
+import subprocess
 import sys
 import threading
 import time
@@ -320,6 +323,63 @@ class TwilioFake:
             "uri": uri,
         }
         return web.json_response(payload, status=201)
+
+
+class TwilioFakeProcess:
+    """The fake as a child process (no faults), recording accepted messages to a JSON-lines file.
+
+    ``with TwilioFakeProcess(folder) as fake:`` ... ``fake.base_url``, ``fake.accepted()``.
+    """
+
+    def __init__(
+        self, folder: Path, account_sid: str = "AC" + "0" * 32, auth_token: str = "fake-auth-token"
+    ) -> None:
+        self.account_sid = account_sid
+        self.auth_token = auth_token
+        self.record = Path(folder) / "twilio-accepted.jsonl"
+        self.base_url = ""
+        self._proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> TwilioFakeProcess:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "simulators.twilio_fake", "--account-sid", self.account_sid,
+             "--auth-token", self.auth_token, "--record", str(self.record)],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline().strip()
+        if not line.startswith("READY "):
+            self.close()
+            raise RuntimeError(f"the Twilio fake did not start: {line!r}")
+        self.base_url = line.split(" ", 1)[1]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        if self._proc is not None and self._proc.stdout is not None:
+            self._proc.stdout.close()
+
+    def accepted(self) -> list[Accepted]:
+        """Messages accepted so far, in order (read back from the record file)."""
+        out: list[Accepted] = []
+        if not self.record.exists():
+            return out
+        with self.record.open() as fh:
+            for line in fh:
+                if not line.endswith("\n"):
+                    break  # a line being written
+                m = json.loads(line)
+                out.append(Accepted(m["sid"], m["to"], "", m["body"], m["at"], m["via"]))
+        return out
 
 
 def _fmt_seconds(s: float) -> str:

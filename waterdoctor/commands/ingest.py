@@ -40,7 +40,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--instance", type=int, default=0, help="instance index for the default client id")
     p.add_argument("--batch-size", type=int, default=500, help="flush after this many messages (default 500)")
-    p.add_argument("--flush-ms", type=float, default=5.0, help="while a write is in flight, wait at most this many ms for a fuller batch (default 5); an idle ingest writes at once")
+    p.add_argument(
+        "--flush-ms",
+        type=float,
+        default=5.0,
+        help="while a write is in flight, wait at most this many ms for a fuller batch (default 5); an idle ingest writes at once",
+    )
     p.add_argument(
         "--receive-maximum", type=int, default=1000, help="unacknowledged messages the broker may send (1000)"
     )

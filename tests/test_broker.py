@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 import paho.mqtt.client as mqtt
+import psutil
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
@@ -383,6 +384,127 @@ def test_broker_choice(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("WD_EMBEDDED_BROKER")
     assert broker_kind() == ("mosquitto" if mosquitto_binary() else "builtin")
     assert broker_kind("builtin") == "builtin"
+
+
+# --- adversarial review: each of these failed before its fix in waterdoctor/broker.py -------------------------
+
+
+def test_crash_after_a_restart_does_not_replay_acknowledged_messages(builtin_broker: BuiltinBroker) -> None:
+    sub = Client(builtin_broker.port, "replay", clean=False, expiry=3600, manual_ack=True)
+    sub.subscribe(("q/#", 1))
+    sub.close()
+    publish(builtin_broker.url, numbered(5))
+    builtin_broker.stop()  # clean stop: the 5 queued messages are saved
+    builtin_broker.start()
+    sub = Client(builtin_broker.port, "replay", clean=False, expiry=3600, manual_ack=True)
+    assert sub.wait_count(5)
+    sub.ack(sub.messages)
+    time.sleep(0.3)
+    sub.close()
+    builtin_broker.kill()  # a crash must lose state, never bring back the old state file's acknowledged messages
+    builtin_broker.start()
+    sub = Client(builtin_broker.port, "replay", clean=False, expiry=3600, manual_ack=True)
+    time.sleep(0.5)
+    assert sub.messages == []
+    sub.close()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b'{"version": 1, "sessions": [{"id": "x"',
+        b"\xff\xfe\x00garbage",
+        b"[]",
+        b'{"version":1,"retained":[],"sessions":[{"id":"x","expiry":9,"disconnected_at":0,"next_pid":1,'
+        b'"inflight":[],"queue":[],"qos2":[],"subs":[]}]}',
+        b'{"version":1,"retained":[{"t":7,"p":"","q":1,"r":true,"x":"","e":null}],"sessions":[]}',
+    ],
+    ids=["empty", "truncated", "binary", "list", "subs-not-object", "topic-not-string"],
+)
+def test_corrupt_state_file_starts_empty_with_a_warning(
+    builtin_broker: BuiltinBroker, content: bytes
+) -> None:
+    builtin_broker.stop()
+    (builtin_broker.data_dir / "broker-state.json").write_bytes(content)
+    builtin_broker.start()
+    sub = Client(builtin_broker.port, "after-corruption")
+    sub.subscribe(("q/#", 1))
+    publish(builtin_broker.url, numbered(3))
+    assert sub.wait_count(3)
+    sub.close()
+    assert builtin_broker.running
+    log = (builtin_broker.data_dir / "wd-broker.log").read_text()
+    assert "starting empty" in log and "Traceback" not in log
+
+
+@pytest.mark.parametrize("expiry", [None, 1], ids=["session-ends-at-disconnect", "session-expires"])
+def test_shared_member_whose_session_ends_hands_its_messages_to_the_group(
+    builtin_broker: BuiltinBroker, expiry: int | None
+) -> None:
+    port = builtin_broker.port
+    holder = Client(port, "holder", clean=expiry is None, expiry=expiry, receive_maximum=3, manual_ack=True)
+    holder.subscribe(("$share/g/q/#", 1))
+    publish(builtin_broker.url, numbered(10))  # the only member: 3 in flight (unacknowledged), 7 queued
+    assert holder.wait_count(3)
+    other = Client(port, "other")
+    other.subscribe(("$share/g/q/#", 1))
+    holder.close()  # without acknowledging: its session ends now, or a second later
+    assert other.wait_count(10, timeout=5)
+    time.sleep(0.2)
+    assert payloads(other) == [p for _, p in numbered(10)]
+    other.close()
+
+
+def test_a_subscriber_that_stops_reading_does_not_grow_broker_memory(builtin_broker: BuiltinBroker) -> None:
+    port = builtin_broker.port
+    with socket.socket() as stuck:
+        _stop_reading(stuck, port)
+        bystander = Client(port, "bystander")
+        bystander.subscribe(("big/#", 1))
+        broker = psutil.Process(builtin_broker.proc.pid)  # type: ignore[union-attr]
+        before = broker.memory_info().rss
+        chunk = b"x" * 512 * 1024
+        publish(builtin_broker.url, [(f"big/{i}", chunk) for i in range(200)])  # 100 MiB
+        assert bystander.wait_count(200, timeout=30)
+        grown = broker.memory_info().rss - before
+        bystander.close()
+    assert grown < 40 * 1024 * 1024, f"broker grew by {grown >> 20} MiB for a subscriber that does not read"
+
+
+def _stop_reading(stuck: socket.socket, port: int) -> None:
+    """Connects ``stuck`` with a tiny receive buffer, subscribes to big/# at QoS 0, and reads nothing more."""
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.connect(("127.0.0.1", port))
+    body = _utf8(b"MQTT") + b"\x05\x02\x00\x00\x00" + _utf8(b"stuck")
+    stuck.sendall(b"\x10" + bytes([len(body)]) + body)
+    assert stuck.recv(64)[0] == 0x20
+    sub = _utf8(b"big/#") + b"\x00"  # QoS 0
+    stuck.sendall(b"\x82" + bytes([3 + len(sub)]) + b"\x00\x01\x00" + sub)
+    time.sleep(0.3)  # SUBACK sent; from now on nothing is read
+
+
+@pytest.mark.parametrize("version", [V5, V311])
+def test_message_of_the_maximum_packet_size_reaches_clients_without_a_limit(
+    builtin_broker: BuiltinBroker, version: str
+) -> None:
+    sub = Client(builtin_broker.port, version=version)
+    if version == V5:
+        props = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]
+        props.SubscriptionIdentifier = 200_000  # 3 more bytes on the way out
+        sub._subscribed.clear()
+        sub.client.subscribe("big/#", qos=1, properties=props)
+        assert sub._subscribed.wait(5)
+    else:
+        sub.subscribe(("big/#", 1))
+    # An MQTT 5 QoS 1 PUBLISH of exactly 1 MiB: 1 + 3 (remaining length) + 6 (topic) + 2 (id) + 1 (properties).
+    payload = b"y" * (1024 * 1024 - 13)
+    pub = Client(builtin_broker.port)
+    pub.publish("big/", payload, qos=1)
+    pub.close()
+    assert sub.wait_count(1), "the broker accepted the message but never delivered it"
+    assert len(sub.messages[0].payload) == len(payload)
+    sub.close()
 
 
 # --- the real ingest crew -------------------------------------------------------------------------------------

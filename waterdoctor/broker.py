@@ -11,7 +11,10 @@ Supported (what ingest and the simulators rely on):
   delivered at QoS 1 at most. SUBSCRIBE grants ``min(requested, 1)``.
 * Wildcards ``+`` and ``#`` (``$``-topics are not matched by a leading wildcard) and shared subscriptions
   ``$share/<group>/<filter>``: each message goes to one member of the group, round robin, preferring connected
-  members with room under their Receive Maximum, then connected ones, then a disconnected member's session.
+  members with room under their Receive Maximum, then connected ones, then a disconnected member's session. A
+  member's unacknowledged and queued messages wait for it to reconnect; when its session ends (disconnect with
+  Session Expiry 0, expiry, clean start) they go to another member of the group, or, with no member left, are
+  discarded with a warning in the log.
 * Sessions: clean start / clean session, MQTT 5 Session Expiry Interval (also updated by DISCONNECT), 3.1.1
   ``clean_session=0`` sessions never expire while the broker runs, ``session present``, QoS 1 messages queued for
   offline sessions (QoS 0 ones are dropped, as mosquitto does by default), unacknowledged messages resent with DUP
@@ -24,12 +27,15 @@ Supported (what ingest and the simulators rely on):
 * Retained messages, and Will messages (with MQTT 5 Will Delay Interval).
 * Keep alive (1.5 times the client's value), a 1 MiB maximum packet size, malformed packets closing only the
   connection that sent them (logged as a warning).
+* Slow subscribers: past 2 MiB of unsent bytes to one connection, its QoS 1 messages wait in its session queue
+  and its QoS 0 messages are dropped (counted in a warning) until it has read down to 512 KiB.
 
 Persistence: with ``--data-dir``, a clean stop (SIGTERM/SIGINT) saves every persistent session (subscriptions,
 queued and unacknowledged messages) and the retained messages to ``<data-dir>/broker-state.json``, and the next
-start loads them, so queued messages survive a restart as with mosquitto. There is no periodic save: a crash
-(SIGKILL, power loss) loses everything held in memory since the last clean start, i.e. every message queued for an
-offline or slow subscriber. Pending Will messages are not saved.
+start loads them, then deletes the file, so queued messages survive a restart as with mosquitto. There is no
+periodic save: a crash (SIGKILL, power loss) loses everything held in memory, i.e. every message queued for an
+offline or slow subscriber (never replays an older state). Pending Will messages are not saved. A state file that
+cannot be read is moved to ``broker-state.bad`` and the broker starts empty, with a warning.
 """
 
 from __future__ import annotations
@@ -58,6 +64,11 @@ MAX_PACKET_SIZE: Final = 1024 * 1024
 V3_RECEIVE_MAXIMUM: Final = 1000  # a 3.1.1 client cannot say how many unacknowledged messages it takes
 MAX_QUEUED: Final = 2_000_000  # per session, as in our mosquitto.conf
 CONNECT_TIMEOUT_S: Final = 10.0
+PROTOCOL_MAX_PACKET: Final = 1 + 4 + 268_435_455  # a client without Maximum Packet Size takes any packet
+# Per connection: above WRITE_HIGH bytes unsent (a subscriber that reads slower than it is sent to) the broker stops
+# writing to it: QoS 1 messages wait in its session queue, QoS 0 ones are dropped; it resumes below WRITE_LOW.
+WRITE_HIGH: Final = 2 * 1024 * 1024
+WRITE_LOW: Final = 512 * 1024
 NEVER: Final = 0xFFFFFFFF
 STATE_FILE: Final = "broker-state.json"
 
@@ -301,13 +312,21 @@ class Delivery:
     qos: int
     retain: bool
     sub_ids: tuple[int, ...] = ()
+    share: tuple[str, str] | None = None  # (filter, group) of the shared subscription that chose this session
 
     def to_json(self) -> dict[str, Any]:
-        return {"m": self.msg.to_json(), "q": self.qos, "r": self.retain, "s": list(self.sub_ids)}
+        return {
+            "m": self.msg.to_json(),
+            "q": self.qos,
+            "r": self.retain,
+            "s": list(self.sub_ids),
+            "g": self.share,
+        }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Delivery:
-        return cls(Message.from_json(d["m"]), d["q"], d["r"], tuple(d["s"]))
+        g = d.get("g")
+        return cls(Message.from_json(d["m"]), d["q"], d["r"], tuple(d["s"]), (g[0], g[1]) if g else None)
 
 
 @dataclass(slots=True)
@@ -391,7 +410,14 @@ class Session:
         self.dropped = 0
 
     def has_room(self) -> bool:
-        return not self.queue and not self.resend and len(self.sent_now) < self.receive_maximum
+        conn = self.conn
+        return (
+            conn is not None
+            and not conn.paused
+            and not self.queue
+            and not self.resend
+            and len(self.sent_now) < self.receive_maximum
+        )
 
     def _alloc_pid(self) -> int:
         pid = self.next_pid
@@ -404,7 +430,16 @@ class Session:
         conn = self.conn
         if d.qos == 0:
             if conn is not None:
-                conn.send_publish(d, 0, False)
+                if conn.paused:
+                    conn.dropped_qos0 += 1
+                    if conn.dropped_qos0 in (1, 1000) or conn.dropped_qos0 % 100_000 == 0:
+                        logger.warning(
+                            "%s does not read what it is sent: dropped %d QoS 0 messages",
+                            self.client_id,
+                            conn.dropped_qos0,
+                        )
+                else:
+                    conn.send_publish(d, 0, False)
             return
         if conn is not None and self.has_room():
             if not conn.fits(d):
@@ -432,7 +467,7 @@ class Session:
         if conn is None:
             return
         now = time.time()
-        while len(self.sent_now) < self.receive_maximum:
+        while len(self.sent_now) < self.receive_maximum and not conn.paused:
             if self.resend:
                 pid = self.resend.popleft()
                 d = self.inflight.get(pid)
@@ -582,13 +617,16 @@ class Broker:
                     d.retain = d.retain or (msg.retain and o.retain_as_published)
                     if o.sub_id:
                         d.sub_ids += (o.sub_id,)
-            for g in entry.groups.values():
-                cid = g.pick(sessions)
-                o = g.members[cid]
-                qos = msg.qos if msg.qos < o.qos else o.qos
-                sessions[cid].deliver(Delivery(msg, qos, False, (o.sub_id,) if o.sub_id else ()))
+            for name, g in entry.groups.items():
+                self._deliver_shared(g, msg, (entry.filter, name))
         for cid, d in targets.items():
             sessions[cid].deliver(d)
+
+    def _deliver_shared(self, g: SharedGroup, msg: Message, share: tuple[str, str]) -> None:
+        cid = g.pick(self.sessions)
+        o = g.members[cid]
+        qos = msg.qos if msg.qos < o.qos else o.qos
+        self.sessions[cid].deliver(Delivery(msg, qos, False, (o.sub_id,) if o.sub_id else (), share))
 
     def retained_for(self, f: str) -> list[Message]:
         levels = f.split("/")
@@ -600,10 +638,31 @@ class Broker:
         return f"wd-auto-{os.getpid()}-{next(self._ids)}"
 
     def drop_session(self, session: Session) -> None:
+        """End a session. Its unacknowledged and queued QoS 1 messages that a shared subscription chose it for go
+        to another member of that group (MQTT 5 4.8.2); the others are discarded, with a warning."""
         for key in list(session.subscriptions):
             self.unsubscribe(session, key)
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
+        pending = [*session.inflight.values(), *session.queue]
+        session.inflight.clear()
+        session.queue.clear()
+        lost = 0
+        for d in pending:
+            if d.share is not None:
+                f, name = d.share
+                entry = (self.wild if "+" in f or "#" in f else self.exact).get(f)
+                g = entry.groups.get(name) if entry is not None else None
+                if g is not None:
+                    self._deliver_shared(g, d.msg, d.share)
+                    continue
+            lost += 1
+        if lost:
+            logger.warning(
+                "session %s ended with %d unacknowledged or queued QoS 1 messages: discarded",
+                session.client_id,
+                lost,
+            )
 
     def detach(self, conn: Connection) -> None:
         """The connection is gone: keep its session for its expiry interval, or drop it now."""
@@ -687,8 +746,12 @@ class Broker:
                 for key, (qos, nl, rap, rh, sid) in d["subs"].items():
                     if split_shared(key) is not None:
                         self.subscribe(s, key, SubOptions(qos, nl, rap, rh, sid))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            logger.warning("cannot load %s (%s): starting empty", path, exc)
+            # Loaded: the file now describes the past. Left in place, a crash (no save) would bring its sessions
+            # and messages back at the next start, though they may have been delivered and acknowledged since.
+            with contextlib.suppress(OSError):
+                path.unlink()
+        except Exception as exc:  # any damage: truncated, not JSON, or JSON of the wrong shape
+            logger.warning("cannot load %s (%r): starting empty", path, exc)
             self.sessions.clear()
             self.exact.clear()
             self.wild.clear()
@@ -721,8 +784,10 @@ class Connection(asyncio.Protocol):
         self.keepalive = 0
         self.started = self.last_rx = time.monotonic()
         self.will: Will | None = None
-        self.max_out = MAX_PACKET_SIZE  # the client's Maximum Packet Size
+        self.max_out = PROTOCOL_MAX_PACKET  # the client's Maximum Packet Size
         self.closed = False
+        self.paused = False  # the transport holds more than WRITE_HIGH unsent bytes
+        self.dropped_qos0 = 0
         self._out: list[bytes] = []
         self.peer = "?"
 
@@ -731,6 +796,7 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
         self.peer = str(transport.get_extra_info("peername"))
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -741,6 +807,15 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.broker.detach(self)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        session = self.session
+        if session is not None and session.conn is self:
+            session.pump()
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -975,7 +1050,7 @@ class Connection(asyncio.Protocol):
             receive_maximum = int(props.get(P_RECEIVE_MAXIMUM, 65535))
             if receive_maximum == 0:
                 raise MqttError("Receive Maximum 0")
-            self.max_out = min(int(props.get(P_MAX_PACKET, MAX_PACKET_SIZE)), MAX_PACKET_SIZE)
+            self.max_out = int(props.get(P_MAX_PACKET, PROTOCOL_MAX_PACKET))
             if self.max_out == 0:
                 raise MqttError("Maximum Packet Size 0")
         else:

@@ -10,12 +10,21 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_up_runs_everything_shows_alerts_and_ctrl_c_leaves_no_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("broker", "broker_process"),
+    [("auto", "mosquitto"), ("builtin", "waterdoctor.broker")],
+    ids=["default-broker", "builtin-broker"],
+)
+def test_up_runs_everything_shows_alerts_and_ctrl_c_leaves_no_process(
+    tmp_path: Path, broker: str, broker_process: str
+) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WD_", "TWILIO_"))}  # embedded defaults
+    env["WD_EMBEDDED_BROKER"] = broker
     data = tmp_path / "wd"
     proc = subprocess.Popen(
         [sys.executable, "-m", "waterdoctor.cli", "up", "--data-dir", str(data), "--no-view"],
@@ -38,7 +47,7 @@ def test_up_runs_everything_shows_alerts_and_ctrl_c_leaves_no_process(tmp_path: 
         names = " ".join(" ".join(c.cmdline()) for c in children)
         for part in (
             "valkey-server",
-            "mosquitto",
+            broker_process,
             "ingest",
             "analytics",
             "alerting",
@@ -54,5 +63,8 @@ def test_up_runs_everything_shows_alerts_and_ctrl_c_leaves_no_process(tmp_path: 
     time.sleep(0.5)
     left = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert not left, f"processes left after Ctrl-C: {[c.cmdline() for c in left]}"
+    if broker == "builtin":
+        log = (data / "builtin" / "wd-broker.log").read_text()
+        assert "Traceback" not in log, log[-3000:]
     # The embedded Valkey kept its data and AOF under the data folder.
     assert any((data / "valkey").rglob("*.aof*")) or any((data / "valkey").rglob("appendonly*"))

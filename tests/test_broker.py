@@ -460,16 +460,15 @@ def test_a_subscriber_that_stops_reading_does_not_grow_broker_memory(builtin_bro
     port = builtin_broker.port
     with socket.socket() as stuck:
         _stop_reading(stuck, port)
-        bystander = Client(port, "bystander")
-        bystander.subscribe(("big/#", 1))
         broker = psutil.Process(builtin_broker.proc.pid)  # type: ignore[union-attr]
         before = broker.memory_info().rss
         chunk = b"x" * 512 * 1024
-        publish(builtin_broker.url, [(f"big/{i}", chunk) for i in range(200)])  # 100 MiB
-        assert bystander.wait_count(200, timeout=30)
+        # QoS 1 in (acknowledged by the broker once routed), QoS 0 out to the stuck subscriber only: unbounded,
+        # its connection's write buffer would hold all 150 MiB; bounded, the broker drops what it cannot send.
+        publish(builtin_broker.url, [(f"big/{i}", chunk) for i in range(300)])
+        time.sleep(0.5)
         grown = broker.memory_info().rss - before
-        bystander.close()
-    assert grown < 40 * 1024 * 1024, f"broker grew by {grown >> 20} MiB for a subscriber that does not read"
+    assert grown < 50 * 1024 * 1024, f"broker grew by {grown >> 20} MiB for a subscriber that does not read"
 
 
 def _stop_reading(stuck: socket.socket, port: int) -> None:

@@ -45,7 +45,7 @@ from alerting.ledger import (
     phone_field,
     send_member,
 )
-from alerting.ratelimit import SendRateLimiter
+from alerting.ratelimit import RateLimiter, RedisSendRateLimiter
 from alerting.routing import SEVERITY_RANK, QuietHours, Routing
 from alerting.sms import Outcome, SendResult, SmsSender
 from handoff.models import Anomaly
@@ -111,7 +111,8 @@ class Dispatcher:
     :param sender: an :class:`~alerting.sms.SmsSender` (Twilio or dry run).
     :param routing: the validated :class:`~alerting.routing.Routing`.
     :param config: :class:`DispatchConfig`.
-    :param limiter: per-number send-rate bound; default 1 SMS/s per number, burst 5.
+    :param limiter: per-number send-rate bound; default 1 SMS/s per number, burst 5, shared through Redis by every
+        dispatcher on the same server (:class:`~alerting.ratelimit.RedisSendRateLimiter`).
     :param clock: epoch seconds (injectable for tests of quiet hours, escalation and staleness).
     """
 
@@ -122,14 +123,14 @@ class Dispatcher:
         routing: Routing,
         *,
         config: DispatchConfig | None = None,
-        limiter: SendRateLimiter | None = None,
+        limiter: RateLimiter | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config or DispatchConfig()
         self.ledger = Ledger(redis, ttl_s=self.config.ttl_s)
         self.sender = sender
         self.routing = routing
-        self.limiter = limiter or SendRateLimiter()
+        self.limiter: RateLimiter = limiter or RedisSendRateLimiter(redis)
         self._clock = clock
         self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         self._due_busy: set[str] = set()
@@ -257,7 +258,7 @@ class Dispatcher:
                 return True
             return await self._settle_existing(alert_id, field, cur)
 
-        wait = self.limiter.reserve(phone)
+        wait = await self.limiter.reserve_async(phone)
         if wait > 0:
             # Do not queue behind the rate bound for an SMS that someone already handled.
             existing = await self.ledger.get(alert_id, field)

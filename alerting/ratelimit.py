@@ -1,7 +1,12 @@
 """Send-rate bounds: a token bucket per destination number and an optional one for the whole sender.
 
 Buckets reserve a slot on ``acquire`` (tokens may go negative) and sleep until it comes due, so waiters are served in
-arrival order without a polling loop. The bound is per process; two alerting processes each keep their own.
+arrival order without a polling loop. Two implementations with the same bounds:
+
+* :class:`RedisSendRateLimiter` (what the alerting crew uses): the buckets live in Redis as GCRA "theoretical
+  arrival times" (one small key per number, ``wd:_rate:{phone}``, expiring when idle), reserved by one script on
+  the server's clock, so every alerting process shares one bound per number and one global bound;
+* :class:`SendRateLimiter`: in process memory, per process (tests and single-process tools).
 """
 
 from __future__ import annotations
@@ -9,6 +14,19 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Protocol
+
+import redis.asyncio as aredis
+
+from handoff import keys
+
+
+class RateLimiter(Protocol):
+    """What the dispatcher needs: reserve a send slot for a number (seconds to wait), or wait for one."""
+
+    async def reserve_async(self, phone: str) -> float: ...
+
+    async def acquire(self, phone: str) -> None: ...
 
 
 class TokenBucket:
@@ -84,7 +102,72 @@ class SendRateLimiter:
             wait = max(wait, self._global.reserve())
         return wait
 
+    async def reserve_async(self, phone: str) -> float:
+        return self.reserve(phone)
+
     async def acquire(self, phone: str) -> None:
         wait = self.reserve(phone)
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+
+# GCRA over any number of buckets at once: KEYS are the buckets, ARGV holds (interval_ms, burst) per key. Each
+# bucket's value is its theoretical arrival time (TAT, ms on the server clock); a reservation is due at
+# TAT - (burst - 1) * interval and moves the TAT on by one interval, even when it has to wait (as the in-process
+# bucket lets its tokens go negative), so waiters are served in order. Returns the wait in ms (max over buckets).
+_RESERVE_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local wait = 0
+local tats = {}
+for i, key in ipairs(KEYS) do
+  local interval = tonumber(ARGV[2 * i - 1])
+  local burst = tonumber(ARGV[2 * i])
+  local tat = tonumber(redis.call('GET', key)) or now
+  if tat < now then tat = now end
+  local w = tat - (burst - 1) * interval - now
+  if w > wait then wait = w end
+  tats[i] = tat
+end
+for i, key in ipairs(KEYS) do
+  local new_tat = tats[i] + tonumber(ARGV[2 * i - 1])
+  redis.call('SET', key, string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now) + 1000)
+end
+return math.ceil(wait)
+"""
+
+
+class RedisSendRateLimiter:
+    """:class:`SendRateLimiter`'s bounds, shared by every alerting process through Redis (see module docstring)."""
+
+    def __init__(
+        self,
+        redis: aredis.Redis,
+        per_number_rate: float = 1.0,
+        per_number_burst: float = 5.0,
+        *,
+        global_rate: float | None = None,
+        global_burst: float | None = None,
+    ) -> None:
+        if per_number_rate <= 0 or per_number_burst < 1 or (global_rate is not None and global_rate <= 0):
+            raise ValueError("rates must be > 0 and bursts >= 1")
+        self._reserve = redis.register_script(_RESERVE_LUA)
+        self._number = (1000.0 / per_number_rate, float(per_number_burst))
+        self._global = (
+            (1000.0 / global_rate, float(global_burst or max(1.0, global_rate))) if global_rate else None
+        )
+
+    async def reserve_async(self, phone: str) -> float:
+        """Reserve a slot for ``phone`` (and in the global bucket); seconds to wait before sending."""
+        bucket_keys = [keys.SMS_RATE_PREFIX + phone]
+        args: list[float] = [*self._number]
+        if self._global is not None:
+            bucket_keys.append(keys.SMS_RATE_PREFIX + "*")
+            args.extend(self._global)
+        wait_ms = await self._reserve(keys=bucket_keys, args=args)
+        return max(0, int(wait_ms)) / 1000
+
+    async def acquire(self, phone: str) -> None:
+        wait = await self.reserve_async(phone)
         if wait > 0:
             await asyncio.sleep(wait)

@@ -29,6 +29,9 @@ INGEST_SEEN_PREFIX: Final = "wd:_seen:"  # per-sensor dedupe state
 MODELS_PREFIX: Final = "wd:_model:"  # persisted per-sensor models: wd:_model:{site}:{sensor_id}
 MODEL_GENERATIONS: Final = "wd:_model:generations"  # hash: "{site}:{sensor_id}" -> stored model generation
 SMS_LEDGER_PREFIX: Final = "wd:_sms:"  # alert_id x phone dispatch records
+SMS_RATE_PREFIX: Final = (
+    "wd:_rate:"  # send-rate slots shared by alerting processes: wd:_rate:{phone}, wd:_rate:*
+)
 CONSUMER_HEARTBEAT_PREFIX: Final = "wd:_hb:"  # liveness of consumers, for retention and claims
 
 

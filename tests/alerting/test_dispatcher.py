@@ -13,8 +13,10 @@ from alerting import metrics
 from alerting.dispatcher import DispatchConfig
 from alerting.errors import InvalidAnomaly
 from alerting.ledger import DUE_KEY, alert_key, phone_field
+from alerting.ratelimit import RedisSendRateLimiter
 from alerting.routing import CONSOLE, Routing, parse_routing
 from alerting.sms import DryRunSender, SendResult, TwilioSender
+from handoff import keys
 from simulators.twilio_fake import Faults, TwilioFake
 from tests.alerting.conftest import (
     FROM,
@@ -406,3 +408,52 @@ async def test_works_with_a_decoding_redis_client(
         assert (await d.acknowledge("plant-7:s-0042:1", PHONE_A))[0].value == "acked"
     finally:
         await client.aclose()
+
+
+async def test_redis_rate_limiter_reserves_in_order_across_instances(r: aredis.Redis, redis_url: str) -> None:
+    other = aredis.Redis.from_url(redis_url)  # a second process: its own connection and its own limiter
+    try:
+        a = RedisSendRateLimiter(r, per_number_rate=10, per_number_burst=2)
+        b = RedisSendRateLimiter(other, per_number_rate=10, per_number_burst=2)
+        waits = [await lim.reserve_async(PHONE_A) for lim in (a, b, a, b, a)]
+        # burst 2 free, then one slot per 100 ms, whichever instance asks
+        assert waits[:2] == [0.0, 0.0]
+        for got, want in zip(waits[2:], (0.1, 0.2, 0.3), strict=True):
+            assert want - 0.02 <= got <= want + 0.005, waits
+        assert await a.reserve_async(PHONE_B) == 0.0  # per number
+        ttl = await r.pttl(keys.SMS_RATE_PREFIX + PHONE_A)
+        assert 0 < ttl <= 1500  # idle buckets expire
+        g = RedisSendRateLimiter(r, 1e6, 1e6, global_rate=10, global_burst=1)
+        assert await g.reserve_async("+15550000001") == 0.0
+        g2 = RedisSendRateLimiter(other, 1e6, 1e6, global_rate=10, global_burst=1)
+        assert 0.08 <= await g2.reserve_async("+15550000002") <= 0.105  # the global bucket is shared too
+    finally:
+        await other.aclose()
+
+
+async def test_two_alerting_processes_share_the_per_number_rate(
+    fake: TwilioFake,
+    sender: TwilioSender,
+    routing: Routing,
+    make_dispatcher: DispatcherFactory,
+    redis_url: str,
+) -> None:
+    # Two dispatchers as two processes would run them (own connections, own limiters over the same Redis), 20 SMS/s
+    # per number: 24 alerts to each phone take 23 / 20 s; with a bucket per process (12 each at 20/s) they took 0.55.
+    sender2 = TwilioSender(fake.account_sid, fake.auth_token, FROM, base_url=fake.base_url, read_timeout=1.0)
+    d1 = make_dispatcher(sender, routing, limiter=None)
+    d1.limiter = RedisSendRateLimiter(d1.ledger.redis, per_number_rate=20, per_number_burst=1)
+    d2 = make_dispatcher(sender2, routing, own_client=True)
+    d2.limiter = RedisSendRateLimiter(d2.ledger.redis, per_number_rate=20, per_number_burst=1)
+    try:
+        alerts = [anomaly(i) for i in range(24)]
+        assert all(await asyncio.gather(*(d.dispatch(a) for a, d in zip(alerts, [d1, d2] * 12, strict=True))))
+    finally:
+        await sender2.aclose()
+    for phone in (PHONE_A, PHONE_B):
+        times = sorted(m.at for m in fake.accepted if m.to == phone)
+        assert len(times) == 24
+        assert times[-1] - times[0] >= 0.85, (
+            phone,
+            times[-1] - times[0],
+        )  # HTTP jitter on the first and last

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import io
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aredis
 
 from alerting import metrics
-from alerting.dispatcher import DispatchConfig
+from alerting.dispatcher import DispatchConfig, Dispatcher
 from alerting.errors import InvalidAnomaly
 from alerting.ledger import DUE_KEY, alert_key, phone_field
 from alerting.ratelimit import RedisSendRateLimiter
@@ -27,6 +28,8 @@ from tests.alerting.conftest import (
     FakeClock,
     anomaly,
 )
+
+ACL_FILE = Path(__file__).resolve().parents[2] / "deploy" / "redis-users.acl"
 
 
 def _count(counter: object, *labels: str) -> float:
@@ -457,3 +460,23 @@ async def test_two_alerting_processes_share_the_per_number_rate(
             phone,
             times[-1] - times[0],
         )  # HTTP jitter on the first and last
+
+
+async def test_dispatch_works_with_the_deployed_acl_user(
+    fake: TwilioFake, sender: TwilioSender, routing: Routing, r: aredis.Redis, redis_url: str
+) -> None:
+    """The least-privilege ``alerting`` user of deploy/redis-users.acl can claim, rate-limit and record sends."""
+    acl = ACL_FILE
+    line = next(x for x in acl.read_text().splitlines() if x.startswith("user alerting "))
+    rules = [">pw" if rule.startswith(">") else rule for rule in line.split()[2:]]
+    await r.execute_command("ACL", "SETUSER", "alerting", "reset", *rules)
+    limited = aredis.Redis.from_url(redis_url, username="alerting", password="pw")
+    try:
+        d = Dispatcher(limited, sender, routing, config=PLAIN)  # the default, Redis-shared rate limiter
+        assert await d.dispatch(anomaly(1)) is True
+        assert fake.accepted_count("plant-7:s-0042:1", PHONE_A) == 1
+        assert fake.accepted_count("plant-7:s-0042:1", PHONE_B) == 1
+        assert await r.exists(keys.SMS_RATE_PREFIX + PHONE_A)
+    finally:
+        await limited.aclose()
+        await r.execute_command("ACL", "DELUSER", "alerting")

@@ -23,6 +23,7 @@ from rich.console import Group
 from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from handoff import keys
 from handoff.settings import Settings
@@ -121,13 +122,14 @@ def render(snap: dict[str, Any], crews: dict[str, bool], sms_lines: deque[str]) 
         expl = ", ".join(
             f"{e['metric']} {e['direction']} ({e['value']:.4g})" for e in an.get("explanation", [])
         )
-        a.add_row(an["alert_id"], an["severity"], f"{an['score']:.3f}", expl)
+        a.add_row(Text(an["alert_id"]), an["severity"], f"{an['score']:.3f}", Text(expl))
     status = "  ".join(f"[{'green' if ok else 'red'}]{name}[/]" for name, ok in crews.items())
     sms = "\n".join(sms_lines) or "(none yet)"
     return Group(
         t,
         a,
-        Panel(sms, title="SMS (dry run unless Twilio is configured)"),
+        # Text, not markup: a log line's "[dry-run SMS]" (or a sensor id with brackets) is not a style tag.
+        Panel(Text(sms), title="SMS (dry run unless Twilio is configured)"),
         Panel(status + "   Ctrl-C to stop"),
     )
 
@@ -141,7 +143,9 @@ def tail_sms(path: Path, pos: int, lines: deque[str]) -> int:
         for raw in fh:
             text = raw.decode("utf-8", "replace").rstrip()
             if "SMS" in text:
-                lines.append(text[-160:])
+                # From the "[dry-run SMS] to ...: body" marker on (log prefixes are noise here), cut at the end.
+                start = max(0, text.find("[dry-run SMS]"))
+                lines.append(text[start : start + 200])
         return fh.tell()
 
 

@@ -260,6 +260,8 @@ async def stream_stats(
         if groups:
             pipe.xinfo_groups(stream)
         replies = await pipe.execute(raise_on_error=False)
+    if isinstance(replies[0], Exception):  # e.g. an ACL user without TIME: say so, do not crash on unpacking
+        raise HandoffError(f"cannot read the server clock (TIME): {replies[0]}") from replies[0]
     sec, usec = replies[0]
     now_ms = int(sec) * 1000 + int(usec) // 1000
     info = replies[1]

@@ -401,12 +401,19 @@ class IngestCrew:
 
     async def _watch_pressure(self, redis: aredis.Redis, stop: asyncio.Event) -> None:
         cfg = self.config
+        failing = False
         while not stop.is_set():
             try:
                 reading = await read_pressure(redis)
             except (RedisError, OSError, HandoffError) as exc:
-                logger.debug("cannot read backpressure signals: %s", exc)
+                # Once per outage at warning level: a check that keeps failing (a Redis user without the
+                # commands it needs, say) leaves ingest without backpressure, which an operator must see.
+                (logger.debug if failing else logger.warning)("cannot read backpressure signals: %s", exc)
+                failing = True
             else:
+                if failing:
+                    logger.info("backpressure signals readable again")
+                failing = False
                 self._apply_pressure(reading)
             await self._sleep(cfg.pressure_check_s, stop)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aredis
 
+from handoff.errors import HandoffError
 from handoff.stats import (
     ConsumerStats,
     GroupStats,
@@ -237,3 +238,15 @@ def test_group_without_consumers_holds_back_until_watched_past_the_cap() -> None
     assert safe_trim_bound("9000-0", [orphan], idle_cap_ms=1000).minid == "2000-1"
     b = safe_trim_bound("9000-0", [orphan], idle_cap_ms=1000, idle_overrides={"orphan": 1500})
     assert b.minid == "9000-0" and b.ignored == ("orphan",)
+
+
+async def test_a_refused_time_is_a_clear_error_not_a_crash(r: aredis.Redis, redis_url: str) -> None:
+    await r.xadd("s", {"payload": b"x"})
+    await r.execute_command("ACL", "SETUSER", "notime", "reset", "on", ">pw", "~*", "+@all", "-time")
+    limited = aredis.Redis.from_url(redis_url, username="notime", password="pw")
+    try:
+        with pytest.raises(HandoffError, match="TIME"):
+            await stream_stats(limited, "s")
+    finally:
+        await limited.aclose()
+        await r.execute_command("ACL", "DELUSER", "notime")

@@ -41,8 +41,8 @@ from typing import Any, Protocol, TypeAlias
 
 import orjson
 import redis.asyncio as aredis
+from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from handoff import keys
@@ -54,6 +54,15 @@ logger = logging.getLogger(__name__)
 
 #: Errors that mean "Redis is not reachable right now": retried with backoff, never fatal.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
+#: Raised by a handler, these are not the entry's fault: Redis went away (the worker backs off and handles the
+#: entries again) or this crew's Redis user lacks a permission (a deployment error: the worker stops with it rather
+#: than dead-lettering good entries one by one).
+NOT_THE_ENTRYS_FAULT: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    NoPermissionError,
+    AuthenticationError,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -540,6 +549,8 @@ class ConsumerGroupWorker:
         started = time.perf_counter()
         try:
             result = dict(await self.handler(entries))
+        except NOT_THE_ENTRYS_FAULT:
+            raise
         except Exception as exc:
             if len(entries) == 1:
                 logger.exception("handler failed on %s %s", self.stream, entries[0].id)

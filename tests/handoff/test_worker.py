@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 import orjson
 import pytest
 import redis.asyncio as aredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoPermissionError
 
 from handoff import keys
 from handoff.models import DeadLetter
@@ -268,3 +270,46 @@ async def test_producer_refuses_oversized_payloads(r: aredis.Redis) -> None:
     with pytest.raises(PayloadTooLarge, match="store_blob"):
         await producer.add({"blob": "x" * 600_000})
     assert await r.xlen(STREAM) == 0
+
+
+class FlakyRedisHandler(Recorder):
+    """Raises a Redis error the first ``times`` calls (as a handler's own Redis call would), then works."""
+
+    def __init__(self, exc: Exception, times: int) -> None:
+        super().__init__()
+        self.exc, self.times = exc, times
+
+    async def __call__(self, entries: Sequence[Entry]) -> Mapping[str, Outcome]:
+        if self.times > 0:
+            self.times -= 1
+            raise self.exc
+        return await super().__call__(entries)
+
+
+async def test_a_handler_losing_redis_is_retried_not_failed(r: aredis.Redis) -> None:
+    await fill(r, 5)
+    handler = FlakyRedisHandler(RedisConnectionError("connection reset"), times=3)
+    worker = ConsumerGroupWorker(
+        r, STREAM, GROUP, handler, config=WorkerConfig(max_deliveries=2, backoff_base_s=0.01, retry_ms=20)
+    )
+
+    async def done() -> bool:
+        return len(await out_ns(r)) == 5
+
+    await run_until(worker, done)
+    assert sorted(await out_ns(r)) == list(range(5))
+    assert (
+        await r.xlen(keys.DEAD) == 0
+    )  # three failed attempts with max_deliveries=2, yet nothing dead-lettered
+
+
+async def test_a_permission_error_in_the_handler_stops_the_worker_and_dead_letters_nothing(
+    r: aredis.Redis,
+) -> None:
+    await fill(r, 3)
+    handler = FlakyRedisHandler(NoPermissionError("NOPERM this user has no permissions"), times=100)
+    worker = ConsumerGroupWorker(r, STREAM, GROUP, handler, config=WorkerConfig(max_deliveries=1))
+    with pytest.raises(NoPermissionError):
+        await asyncio.wait_for(worker.run(), 10)
+    assert await r.xlen(keys.DEAD) == 0
+    assert await pending(r) == 3  # still owed: handled once the deployment is fixed

@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import orjson
+import pytest
 import redis.asyncio as aredis
 
 from alerting.crew import AlertingConfig, run_alerting
@@ -129,3 +130,16 @@ def test_a_bad_routing_file_is_refused_at_start(redis_url: str, tmp_path: Path) 
     )  # fmt: skip
     assert proc.returncode == 2
     assert "phones" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "bad", [["--per-number-rate", "0"], ["--per-number-burst", "0.5"], ["--send-rate", "-1"]]
+)
+def test_bad_send_rates_are_refused_at_start(redis_url: str, bad: list[str]) -> None:
+    env = {**os.environ, "WD_REDIS_URL": redis_url}
+    proc = subprocess.run(
+        [sys.executable, "-m", "waterdoctor.cli", "alerting", "--metrics-port", "0", *bad],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "--per-number" in proc.stderr and "Traceback" not in proc.stderr

@@ -47,6 +47,8 @@ from tests.analytics.test_crew import normal_series, reading
 from tests.ingest import corpus
 from tests.ingest.mqtt_tools import publish, quarantined, stored_readings
 from tests.ingest.test_crew import running, wait_for
+from tests.retention.test_replay import anomaly as stored_anomaly
+from waterdoctor.cli import main
 from waterdoctor.embedded import MosquittoBroker, RedisServer, ServerKind
 
 ACL_FILE = Path(__file__).resolve().parents[2] / "deploy" / "redis-users.acl"
@@ -54,7 +56,7 @@ PASSWORD = "pw"
 DAY_MS = 86_400_000
 
 #: What each test below exercises. A user added to the file without a test here fails the first test.
-TESTED_USERS = {"ingest", "analytics", "alerting", "retention"}
+TESTED_USERS = {"ingest", "analytics", "alerting", "retention", "ops"}
 
 #: redis-py sends CLIENT SETINFO on every connection and ignores a refusal. Redis 7.0 has no such command, so the
 #: file (which must load on 7.0 too) cannot grant it; Valkey logs the refusal, which changes nothing.
@@ -156,6 +158,10 @@ def test_every_user_is_tested_and_stays_least_privilege() -> None:
         assert "-@dangerous" in rules, user
         # Only the one dangerous command a crew needs may follow (INFO, for ingest's memory backpressure).
         assert rules[rules.index("-@dangerous") + 1 :] in ([], ["+info"]), user
+    # The operator commands get named commands only, no category, and may not write the quarantine (ingest's).
+    ops = users["ops"]
+    assert not [rule for rule in ops if rule.startswith("+@")], ops
+    assert "%R~wd:quarantine:v1" in ops and "~wd:quarantine:v1" not in ops
 
 
 @pytest.mark.parametrize("kind", ["redis", "valkey"])
@@ -365,4 +371,198 @@ async def test_retention_trims_every_contract_stream_as_its_user(r: aredis.Redis
     for stream in keys.STREAMS:
         assert await r.xlen(stream) == 1
     assert sample("wd_stream_lag", stream=keys.READINGS, group=keys.GROUP_ANALYTICS) == 1
+    assert await denials() == []
+
+
+# --- ops: the operator commands (status, replay, dlq) ----------------------------------------------------------
+
+
+@pytest.fixture
+def cli(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Callable[[str, list[str]], Awaitable[tuple[int, str, str]]]:
+    """``rc, out, err = await cli(url, ["status", "--json"])``: the console script in-process, as the tests of
+    these commands run it, on a thread (each command runs its own event loop) with ``WD_REDIS_URL`` set to ``url``."""
+
+    async def run(url: str, argv: list[str]) -> tuple[int, str, str]:
+        monkeypatch.setenv("WD_REDIS_URL", url)
+        capsys.readouterr()
+        rc = await asyncio.to_thread(main, argv)
+        captured = capsys.readouterr()
+        return rc, captured.out, captured.err
+
+    return run
+
+
+async def test_ops_status_text_and_json_as_its_user(r: aredis.Redis, as_user: Any, cli: Any) -> None:
+    url, denials = await as_user("ops")
+    for i in range(5):
+        await r.xadd(keys.READINGS, {keys.PAYLOAD_FIELD: orjson.dumps({"readings": [], "i": i})})
+    await r.xgroup_create(keys.READINGS, keys.GROUP_ANALYTICS, id="0")
+    await r.xreadgroup(keys.GROUP_ANALYTICS, "a-1", {keys.READINGS: ">"}, count=2)  # pending 2, lag 3
+    await r.xadd(keys.ANOMALIES, {keys.PAYLOAD_FIELD: b"{}"})
+    await r.xgroup_create(keys.ANOMALIES, keys.GROUP_ALERTING, id="$")
+    for reason in ("schema", "schema", "clock_skew"):
+        await r.xadd(keys.QUARANTINE, {keys.PAYLOAD_FIELD: orjson.dumps({"reason": reason})})
+    dead = {
+        "stream": keys.READINGS,
+        "group": keys.GROUP_ANALYTICS,
+        "entry_id": "1-0",
+        "deliveries": 5,
+        "error": "ValueError: bad reading\ntraceback",
+        "payload": "{}",
+    }
+    await r.xadd(keys.DEAD, {keys.PAYLOAD_FIELD: orjson.dumps(dead)})
+    await r.script_flush()  # the lag count loads its script (SCRIPT LOAD) as the user, then runs it (EVALSHA)
+
+    rc, out, err = await cli(url, ["status", "--json"])
+    assert rc == 0, err
+    doc = orjson.loads(out)
+    info = await r.info("server")
+    assert doc["server"]["version"] == (info.get("valkey_version") or info["redis_version"])  # INFO answered
+    streams = {s["name"]: s for s in doc["streams"]}
+    assert {n: s["length"] for n, s in streams.items()} == {
+        keys.READINGS: 5,
+        keys.ANOMALIES: 1,
+        keys.QUARANTINE: 3,
+        keys.DEAD: 1,
+    }
+    assert all(s["memory_bytes"] for s in streams.values())  # MEMORY USAGE answered (a refusal reads as None)
+    (analytics,) = streams[keys.READINGS]["groups"]
+    assert (analytics["pending"], analytics["lag"], analytics["lag_source"]) == (2, 3, "exact")
+    assert [(c["name"], c["pending"]) for c in analytics["consumers"]] == [("a-1", 2)]
+    assert analytics["oldest_pending_id"] == (await r.xrange(keys.READINGS, count=1))[0][0].decode()
+    (alerting,) = streams[keys.ANOMALIES]["groups"]
+    assert (alerting["pending"], alerting["lag"]) == (0, 0)
+    assert doc["quarantine"]["top_reasons"] == [
+        {"reason": "schema", "count": 2},
+        {"reason": "clock_skew", "count": 1},
+    ]
+    assert doc["dead_letters"]["top_errors"] == [{"error": "ValueError: bad reading", "count": 1}]
+    assert doc["dead_letters"]["by_origin"] == [
+        {"stream": keys.READINGS, "group": keys.GROUP_ANALYTICS, "count": 1}
+    ]
+
+    rc, out, err = await cli(url, ["status"])
+    assert rc == 0, err
+    for text in ("Consumer groups", "a-1", keys.DEAD, "ValueError: bad reading", "schema"):
+        assert text in out, text
+    assert await denials() == []
+
+
+async def test_ops_replay_by_id_and_since_with_and_without_resend_as_its_user(
+    r: aredis.Redis, as_user: Any, cli: Any
+) -> None:
+    url, denials = await as_user("ops")
+    sec, usec = await r.time()
+    now = int(sec) * 1000 + int(usec) // 1000
+    stored = []
+    for i, age in enumerate((3 * 3_600_000, 90 * 60_000, 10 * 60_000)):
+        body = orjson.dumps(stored_anomaly(1000 + i, now - age))
+        await r.xadd(keys.ANOMALIES, {keys.PAYLOAD_FIELD: body}, id=f"{now - age}-0")
+        stored.append(body)
+    ids = [orjson.loads(b)["alert_id"] for b in stored]
+    pubsub = r.pubsub()
+    await pubsub.subscribe(keys.ALERTS_CHANNEL)
+    assert (await pubsub.get_message(timeout=2))["type"] == "subscribe"
+
+    async def received(n: int) -> list[bytes]:
+        out: list[bytes] = []
+        async with asyncio.timeout(5):
+            while len(out) < n:
+                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+                if msg is not None:
+                    out.append(msg["data"])
+        assert await pubsub.get_message(timeout=0.2) is None  # nothing more
+        return out
+
+    def replayed(body: bytes, resend: bool = False) -> bytes:
+        return body[:-1] + (b',"replayed":true,"resend":true}' if resend else b',"replayed":true}')
+
+    try:
+        rc, out, err = await cli(url, ["replay", "--alert-id", ids[0]])
+        assert rc == 0, err
+        assert await received(1) == [replayed(stored[0])]
+        assert ids[0] in out and "receivers=1" in out and "1 anomaly replayed" in out
+
+        rc, out, err = await cli(url, ["replay", "--alert-id", ids[1], "--resend"])
+        assert rc == 0, err
+        assert await received(1) == [replayed(stored[1], resend=True)]
+        assert "(replayed, resend)" in out
+
+        rc, out, err = await cli(url, ["replay", "--since", "2h"])
+        assert rc == 0, err
+        assert await received(2) == [replayed(b) for b in stored[1:]]
+        assert "2 anomalies replayed" in out
+
+        rc, out, err = await cli(url, ["replay", "--since", "2h", "--resend"])
+        assert rc == 0, err
+        assert await received(2) == [replayed(b, resend=True) for b in stored[1:]]
+    finally:
+        await pubsub.aclose()
+    assert await r.xlen(keys.ANOMALIES) == 3  # replay only reads the stream
+    assert await denials() == []
+
+
+async def test_ops_dlq_list_retry_and_purge_as_its_user(r: aredis.Redis, as_user: Any, cli: Any) -> None:
+    url, denials = await as_user("ops")
+    sec, _ = await r.time()
+    now = int(sec) * 1000
+
+    async def add_dead(age_ms: int, stream: str, group: str, n: int) -> str:
+        body = {
+            "stream": stream,
+            "group": group,
+            "entry_id": "1-0",
+            "deliveries": 5,
+            "error": f"ValueError: bad {n}",
+            "payload": orjson.dumps({"n": n}).decode(),
+        }
+        entry_id = f"{now - age_ms}-0"
+        await r.xadd(keys.DEAD, {keys.PAYLOAD_FIELD: orjson.dumps(body)}, id=entry_id)
+        return entry_id
+
+    old = await add_dead(40 * DAY_MS, keys.READINGS, keys.GROUP_ANALYTICS, 1)
+    from_anomalies = await add_dead(31 * DAY_MS, keys.ANOMALIES, keys.GROUP_ALERTING, 2)
+    from_readings = await add_dead(3_600_000, keys.READINGS, keys.GROUP_ANALYTICS, 3)
+    newest = await add_dead(600_000, keys.READINGS, keys.GROUP_ANALYTICS, 4)
+    await r.xadd(keys.ANOMALIES, {keys.PAYLOAD_FIELD: b"{}"})  # wd:readings:v1 does not exist yet
+
+    async def dead_ids() -> list[str]:
+        return [i.decode() for i, _ in await r.xrange(keys.DEAD)]
+
+    rc, out, err = await cli(url, ["dlq", "list", "--json"])
+    assert rc == 0, err
+    rows = [orjson.loads(line) for line in out.splitlines()]
+    assert [(x["id"], x["stream"], x["error"]) for x in rows] == [
+        (newest, keys.READINGS, "ValueError: bad 4"),
+        (from_readings, keys.READINGS, "ValueError: bad 3"),
+        (from_anomalies, keys.ANOMALIES, "ValueError: bad 2"),
+        (old, keys.READINGS, "ValueError: bad 1"),
+    ]
+    assert 0 < rows[0]["age_ms"] < 3_600_000 < rows[1]["age_ms"]  # aged on the server clock (TIME)
+    rc, out, err = await cli(url, ["dlq", "list"])
+    assert rc == 0, err
+    assert "4 dead letters" in out and "ValueError: bad 3" in out
+
+    # The origin stream is absent: not recreated, the letter stays (the pipeline UNWATCHes on the way out).
+    rc, out, err = await cli(url, ["dlq", "retry", "--id", from_readings, "--yes"])
+    assert rc == 1 and "does not exist" in err
+    assert not await r.exists(keys.READINGS) and len(await dead_ids()) == 4
+
+    await r.xadd(keys.READINGS, {keys.PAYLOAD_FIELD: b"{}"})
+    for entry_id, stream, n in ((from_readings, keys.READINGS, 3), (from_anomalies, keys.ANOMALIES, 2)):
+        rc, out, err = await cli(url, ["dlq", "retry", "--id", entry_id, "--yes"])
+        assert rc == 0, err
+        new_id, fields = (await r.xrevrange(stream, count=1))[0]
+        assert fields[keys.PAYLOAD_FIELD.encode()] == orjson.dumps({"n": n})
+        assert f"retried {entry_id} -> {stream} {new_id.decode()}" in out
+    assert await dead_ids() == [old, newest]
+
+    rc, out, err = await cli(url, ["dlq", "purge", "--older-than", "30d", "--yes"])
+    assert rc == 0, err
+    assert "purged 1 dead letter(s)" in out and await dead_ids() == [newest]
+    rc, out, err = await cli(url, ["dlq", "purge", "--id", newest, "--yes"])
+    assert rc == 0, err
+    assert "purged 1 dead letter(s)" in out and await dead_ids() == []
     assert await denials() == []

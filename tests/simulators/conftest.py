@@ -82,6 +82,15 @@ class Subscriber:
             got = self.readings()
         return got
 
+    def wait_distinct(self, n: int, timeout: float = 20.0) -> list[SensorReading]:
+        """Wait until ``n`` distinct readings arrived (QoS 1 re-sends may repeat some), then return them all."""
+        deadline = time.monotonic() + timeout
+        got = self.readings()
+        while len({(r.site, r.sensor_id, r.seq) for r in got}) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+            got = self.readings()
+        return got
+
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()

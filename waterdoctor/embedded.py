@@ -222,10 +222,8 @@ class RedisServer(_ChildServer):
         raise EmbeddedError(f"{self.kind} on port {self.port} did not answer PING")
 
 
-class MosquittoBroker(_ChildServer):
-    """A private ``mosquitto`` with persistence and room for queued QoS 1 messages of offline sessions."""
-
-    name = "mosquitto"
+class _BrokerServer(_ChildServer):
+    """An MQTT broker child process: ``url`` to connect to, optional persistence under ``data_dir``."""
 
     def __init__(
         self, data_dir: str | Path | None = None, port: int | None = None, persistence: bool = True
@@ -236,6 +234,12 @@ class MosquittoBroker(_ChildServer):
     @property
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
+
+
+class MosquittoBroker(_BrokerServer):
+    """A private ``mosquitto`` with persistence and room for queued QoS 1 messages of offline sessions."""
+
+    name = "mosquitto"
 
     def _argv(self) -> list[str]:
         binary = mosquitto_binary()
@@ -269,7 +273,7 @@ class MosquittoBroker(_ChildServer):
         return [binary, "-c", str(conf)]
 
 
-class BuiltinBroker(_ChildServer):
+class BuiltinBroker(_BrokerServer):
     """The pure-Python MQTT 5 / 3.1.1 broker of :mod:`waterdoctor.broker`, for machines without mosquitto.
 
     With ``persistence`` it saves its sessions to ``data_dir`` on a clean stop (SIGTERM) and loads them at start;
@@ -277,16 +281,6 @@ class BuiltinBroker(_ChildServer):
     """
 
     name = "wd-broker"
-
-    def __init__(
-        self, data_dir: str | Path | None = None, port: int | None = None, persistence: bool = True
-    ) -> None:
-        super().__init__(data_dir, port)
-        self.persistence = persistence
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
 
     def _argv(self) -> list[str]:
         argv = [sys.executable, "-m", "waterdoctor.broker", "--host", self.host, "--port", str(self.port)]

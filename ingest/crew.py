@@ -183,6 +183,7 @@ class IngestCrew:
         # batch is validated here. Writes go through one lock, in order, so Redis applies flushes in arrival order.
         inflight: set[asyncio.Task[bool]] = set()
         write_lock = asyncio.Lock()
+        last_flush = 0.0  # monotonic start of the last flush
         try:
             while not stop.is_set() and self._failure is None:
                 if self.backpressure:
@@ -193,10 +194,10 @@ class IngestCrew:
                 if intake.held() == 0:
                     await self._wake.wait()
                     continue
-                if inflight and intake.held() < batch_size:
-                    # Group commit: while a write is in flight, let the next batch fill until it is full, that
-                    # write is done, or flush_ms passed; one round trip then carries many messages. An idle ingest
-                    # (nothing in flight) writes at once, so a lone reading pays no waiting at all.
+                if intake.held() < batch_size and (inflight or time.monotonic() - last_flush < flush_s):
+                    # Busy (a write in flight, or the last flush began less than flush_ms ago): let the batch fill
+                    # until it is full or flush_ms passed, so one round trip carries many messages. Idle (no
+                    # flush for flush_ms): write at once, so a lone reading waits for nothing.
                     self._full.clear()
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(flush_s):
@@ -204,6 +205,7 @@ class IngestCrew:
                 batch = intake.take(batch_size)
                 if not batch:
                     continue
+                last_flush = time.monotonic()
                 started = time.perf_counter()
                 writes, quarantine = self._prepare(batch)
                 while len(inflight) >= 2:
@@ -226,7 +228,6 @@ class IngestCrew:
             raise self._failure
 
     def _check_flush(self, task: asyncio.Task[bool]) -> None:
-        self._full.set()  # a write finished: the batch waiting for it goes now
         # A flush that raised is a bug: surface it from the loop instead of losing it with the task.
         if not task.cancelled() and task.exception() is not None:
             self._failure = task.exception()

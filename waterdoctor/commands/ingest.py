@@ -44,7 +44,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         "--flush-ms",
         type=float,
         default=5.0,
-        help="while a write is in flight, wait at most this many ms for a fuller batch (default 5); an idle ingest writes at once",
+        help="a busy ingest waits at most this many ms for a fuller batch (default 5); an idle one writes at once",
     )
     p.add_argument(
         "--receive-maximum", type=int, default=1000, help="unacknowledged messages the broker may send (1000)"

@@ -3,7 +3,6 @@ plus the real ingest crew on top of it, killed and restarted mid-run."""
 
 from __future__ import annotations
 
-import signal
 import socket
 import struct
 import threading
@@ -23,7 +22,13 @@ from paho.mqtt.properties import Properties
 
 from tests.ingest.corpus import reading
 from tests.ingest.mqtt_tools import publish, stored_readings, wait_until
-from tests.ingest.test_crash import expected_keys, start_ingest, wait_connected
+from tests.ingest.test_crash import (
+    PacedPublisher,
+    expected_keys,
+    kill_and_restart,
+    start_ingest,
+    wait_connected,
+)
 from waterdoctor.embedded import (
     BuiltinBroker,
     MosquittoBroker,
@@ -529,33 +534,16 @@ def test_ingest_stores_each_reading_once_across_sigkills(
     ]  # fmt: skip
     proc = start_ingest(redis_only_url, builtin_broker.url, "wdb-1", ingest_log)
     wait_connected(ingest_log)
-    done = threading.Event()
-    errors: list[BaseException] = []
-
-    def publisher() -> None:
-        try:
-            for start in range(0, len(msgs), 100):  # paced (3 s at least) so that both kills land mid-publish
-                publish(builtin_broker.url, msgs[start : start + 100], client_id="wdb-pub")
-                time.sleep(0.1)
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            done.set()
-
-    thread = threading.Thread(target=publisher)
-    thread.start()
+    # Paced (3 s at least) so that both kills land mid-publish.
+    pub = PacedPublisher(builtin_broker.url, msgs, chunk=100, client_id="wdb-pub")
     kills = kills_during_publish = 0
     try:
         while kills < 2:
             time.sleep(0.3)
-            kills_during_publish += not done.is_set()
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+            kills_during_publish += not pub.done.is_set()
+            proc = kill_and_restart(proc, redis_only_url, builtin_broker.url, "wdb-1", ingest_log, kills + 1)
             kills += 1
-            proc = start_ingest(redis_only_url, builtin_broker.url, "wdb-1", ingest_log)  # same session
-            wait_connected(ingest_log, kills + 1)
-        thread.join()
-        assert not errors, errors
+        pub.join()
         assert wait_until(lambda: len(stored_readings(redis_only_url)) >= 4000, 30)
         time.sleep(0.5)  # anything stored twice would show up now
     finally:

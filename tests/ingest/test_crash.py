@@ -48,6 +48,43 @@ def wait_connected(log: Path, times: int = 1, timeout: float = 60.0) -> None:
     time.sleep(0.2)  # SUBACK
 
 
+class PacedPublisher:
+    """Publishes ``msgs`` from a thread in chunks with a pause between them, so crash tests kill ingest mid-publish."""
+
+    def __init__(self, url: str, msgs: list[tuple[str, bytes]], *, chunk: int, client_id: str) -> None:
+        self.done = threading.Event()
+        self.errors: list[BaseException] = []
+        self._args = (url, msgs, chunk, client_id)
+        self._thread = threading.Thread(target=self._run)
+        self._thread.start()
+
+    def _run(self) -> None:
+        url, msgs, chunk, client_id = self._args
+        try:
+            for start in range(0, len(msgs), chunk):
+                publish(url, msgs[start : start + chunk], client_id=client_id)
+                time.sleep(0.1)
+        except BaseException as exc:
+            self.errors.append(exc)
+        finally:
+            self.done.set()
+
+    def join(self) -> None:
+        self._thread.join()
+        assert not self.errors, self.errors
+
+
+def kill_and_restart(
+    proc: subprocess.Popen[bytes], redis_url: str, mqtt_url: str, client_id: str, log: Path, starts: int
+) -> subprocess.Popen[bytes]:
+    """SIGKILL ingest and start it again with the same client id (same session); ``starts``: starts so far."""
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc = start_ingest(redis_url, mqtt_url, client_id, log)
+    wait_connected(log, starts + 1)
+    return proc
+
+
 def messages(now_ms: int) -> list[tuple[str, bytes]]:
     """20,000 readings: 10,000 single-reading messages and 100 gateway batches of 100."""
     out = []
@@ -76,35 +113,16 @@ def test_sigkill_during_publish_stores_every_reading_exactly_once(
     msgs = messages(int(time.time() * 1000))
     proc = start_ingest(redis_only_url, mosquitto.url, "crash-1", log)
     wait_connected(log)
-    done = threading.Event()
-    errors: list[BaseException] = []
-
-    def publisher() -> None:
-        # Paced (about 4 s at least) so that several kills land in the middle of the publish.
-        try:
-            for start in range(0, len(msgs), 250):
-                publish(mosquitto.url, msgs[start : start + 250], client_id="crash-pub")
-                time.sleep(0.1)
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            done.set()
-
-    thread = threading.Thread(target=publisher)
-    thread.start()
+    # Paced (about 4 s at least) so that several kills land in the middle of the publish.
+    pub = PacedPublisher(mosquitto.url, msgs, chunk=250, client_id="crash-pub")
     kills = kills_during_publish = 0
     try:
-        while not done.is_set() or kills < 3:
+        while not pub.done.is_set() or kills < 3:
             time.sleep(0.3)
-            if not done.is_set():
-                kills_during_publish += 1
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+            kills_during_publish += not pub.done.is_set()
+            proc = kill_and_restart(proc, redis_only_url, mosquitto.url, "crash-1", log, kills + 1)
             kills += 1
-            proc = start_ingest(redis_only_url, mosquitto.url, "crash-1", log)  # same id: same session
-            wait_connected(log, kills + 1)
-        thread.join()
-        assert not errors, errors
+        pub.join()
         assert wait_until(lambda: len(stored_readings(redis_only_url)) >= 20_000, 60)
         time.sleep(0.5)  # anything stored twice would show up now
     finally:

@@ -19,17 +19,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import json
 import os
 import platform
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +39,7 @@ from alerting.ratelimit import SendRateLimiter  # noqa: E402
 from alerting.routing import parse_routing  # noqa: E402
 from alerting.sms import TwilioSender  # noqa: E402
 from handoff import keys  # noqa: E402
+from simulators.twilio_fake import TwilioFakeProcess  # noqa: E402
 from waterdoctor.embedded import RedisServer  # noqa: E402
 
 SID, TOKEN, FROM, PHONE = "AC" + "0" * 32, "bench-token", "+15550000000", "+15551230001"
@@ -51,35 +47,6 @@ ROUTING = parse_routing(f'[[route]]\nsites = ["*"]\nphones = ["{PHONE}"]\n')
 PLAIN = DispatchConfig(fold_window_s=0, throttle_max=0)
 #: The configured global send rate of the backfill run (an account's messages per second).
 BACKFILL_RATE = 200.0
-ID_RE = re.compile(r"(?:^|\s)id (\S+)")
-
-
-@contextlib.contextmanager
-def fake_process(record: Path) -> Iterator[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "simulators.twilio_fake", "--account-sid", SID, "--auth-token", TOKEN,
-         "--record", str(record)],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline().strip()
-        assert line.startswith("READY "), line
-        yield line.split(" ", 1)[1]
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def accepted_times(record: Path) -> dict[str, float]:
-    out: dict[str, float] = {}
-    with record.open() as fh:
-        for line in fh:
-            msg = json.loads(line)
-            m = ID_RE.search(msg["body"])
-            if m:
-                out[m.group(1)] = msg["at"]
-    return out
 
 
 def anomaly(site: str, seq: int, ts_ms: int) -> dict[str, Any]:
@@ -155,10 +122,10 @@ async def bench_max_rate(r: aredis.Redis, base_url: str, n: int, site: str) -> f
 
 
 async def bench_latency(
-    r: aredis.Redis, redis_url: str, base_url: str, record: Path, rate: float, seconds: float, site: str
+    r: aredis.Redis, redis_url: str, fake: TwilioFakeProcess, rate: float, seconds: float, site: str
 ) -> dict[str, float]:
     """Open loop: publish on wd:alerts:v1 at ``rate``/s; a subscriber dispatches; latency to the fake's accept."""
-    sender = TwilioSender(SID, TOKEN, FROM, base_url=base_url)
+    sender = TwilioSender(SID, TOKEN, FROM, base_url=fake.base_url)
     d = Dispatcher(r, sender, ROUTING, config=PLAIN, limiter=SendRateLimiter(1e9, 1e9))
     sub_client = aredis.Redis.from_url(redis_url)
     pub_client = aredis.Redis.from_url(redis_url)
@@ -197,7 +164,7 @@ async def bench_latency(
     while tasks:
         await asyncio.gather(*list(tasks))
     await asyncio.sleep(0.2)  # the record file is flushed per message; let the last lines land
-    accepted = accepted_times(record)
+    accepted = {m.alert_id: m.at for m in fake.accepted() if m.alert_id}
     lat = [(accepted[k] - v) * 1000 for k, v in published.items() if k in accepted]
     assert len(lat) == n, (len(lat), n)
     await pubsub.aclose()
@@ -231,32 +198,27 @@ async def bench_backfill(r: aredis.Redis, base_url: str, n: int, send_rate: floa
 
 async def one_run(run: int, quick: bool) -> dict[str, float]:
     res: dict[str, float] = {}
-    with tempfile.TemporaryDirectory() as tmp, RedisServer("redis", data_dir=tmp) as server:
-        record = Path(tmp) / "accepted.jsonl"
-        with fake_process(record) as base_url:
-            r = aredis.Redis.from_url(server.url)
-            res.update(await bench_senders(base_url, 500 if quick else 2000))
-            res["max_dispatch_per_s"] = await bench_max_rate(
-                r, base_url, 1000 if quick else 5000, f"max{run}"
-            )
-            light = await bench_latency(
-                r, server.url, base_url, record, 20, 3 if quick else 10, f"light{run}"
-            )
-            res["light_rate"] = 20
-            res["light_p50_ms"], res["light_p99_ms"] = light["p50_ms"], light["p99_ms"]
-            half = res["max_dispatch_per_s"] / 2
-            heavy = await bench_latency(
-                r, server.url, base_url, record, half, 3 if quick else 10, f"half{run}"
-            )
-            res["half_rate"] = half
-            res["half_p50_ms"], res["half_p99_ms"] = heavy["p50_ms"], heavy["p99_ms"]
-            n_back = 2000 if quick else 10_000
-            res["backfill_configured_rate"] = BACKFILL_RATE
-            res["backfill_achieved_per_s"] = await bench_backfill(
-                r, base_url, n_back, BACKFILL_RATE, f"bf{run}"
-            )
-            res["backfill_unbounded_per_s"] = await bench_backfill(r, base_url, n_back, None, f"bfu{run}")
-            await r.aclose()
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        RedisServer("redis", data_dir=tmp) as server,
+        TwilioFakeProcess(Path(tmp), SID, TOKEN) as fake,
+    ):
+        base_url = fake.base_url
+        r = aredis.Redis.from_url(server.url)
+        res.update(await bench_senders(base_url, 500 if quick else 2000))
+        res["max_dispatch_per_s"] = await bench_max_rate(r, base_url, 1000 if quick else 5000, f"max{run}")
+        light = await bench_latency(r, server.url, fake, 20, 3 if quick else 10, f"light{run}")
+        res["light_rate"] = 20
+        res["light_p50_ms"], res["light_p99_ms"] = light["p50_ms"], light["p99_ms"]
+        half = res["max_dispatch_per_s"] / 2
+        heavy = await bench_latency(r, server.url, fake, half, 3 if quick else 10, f"half{run}")
+        res["half_rate"] = half
+        res["half_p50_ms"], res["half_p99_ms"] = heavy["p50_ms"], heavy["p99_ms"]
+        n_back = 2000 if quick else 10_000
+        res["backfill_configured_rate"] = BACKFILL_RATE
+        res["backfill_achieved_per_s"] = await bench_backfill(r, base_url, n_back, BACKFILL_RATE, f"bf{run}")
+        res["backfill_unbounded_per_s"] = await bench_backfill(r, base_url, n_back, None, f"bfu{run}")
+        await r.aclose()
     return res
 
 

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from alerting.dispatcher import DispatchConfig, Dispatcher  # noqa: E402
-from alerting.ratelimit import SendRateLimiter  # noqa: E402
+from alerting.ratelimit import RateLimiter, RedisSendRateLimiter, SendRateLimiter  # noqa: E402
 from alerting.routing import parse_routing  # noqa: E402
 from alerting.sms import TwilioSender  # noqa: E402
 from handoff import keys  # noqa: E402
@@ -106,7 +106,7 @@ async def bench_senders(base_url: str, n: int) -> dict[str, float]:
 
 async def bench_max_rate(r: aredis.Redis, base_url: str, n: int, site: str) -> float:
     sender = TwilioSender(SID, TOKEN, FROM, base_url=base_url)
-    d = Dispatcher(r, sender, ROUTING, config=PLAIN, limiter=SendRateLimiter(1e9, 1e9))
+    d = Dispatcher(r, sender, ROUTING, config=PLAIN, limiter=limiter(r))
     sem = asyncio.Semaphore(64)
     now = int(time.time() * 1000)
 
@@ -126,7 +126,7 @@ async def bench_latency(
 ) -> dict[str, float]:
     """Open loop: publish on wd:alerts:v1 at ``rate``/s; a subscriber dispatches; latency to the fake's accept."""
     sender = TwilioSender(SID, TOKEN, FROM, base_url=fake.base_url)
-    d = Dispatcher(r, sender, ROUTING, config=PLAIN, limiter=SendRateLimiter(1e9, 1e9))
+    d = Dispatcher(r, sender, ROUTING, config=PLAIN, limiter=limiter(r))
     sub_client = aredis.Redis.from_url(redis_url)
     pub_client = aredis.Redis.from_url(redis_url)
     pubsub = sub_client.pubsub()
@@ -176,12 +176,8 @@ async def bench_latency(
 
 async def bench_backfill(r: aredis.Redis, base_url: str, n: int, send_rate: float | None, site: str) -> float:
     sender = TwilioSender(SID, TOKEN, FROM, base_url=base_url)
-    limiter = (
-        SendRateLimiter(1e9, 1e9, global_rate=send_rate, global_burst=1)
-        if send_rate
-        else SendRateLimiter(1e9, 1e9)
-    )
-    d = Dispatcher(r, sender, ROUTING, config=PLAIN, limiter=limiter)
+    bound = limiter(r, global_rate=send_rate, global_burst=1) if send_rate else limiter(r)
+    d = Dispatcher(r, sender, ROUTING, config=PLAIN, limiter=bound)
     sem = asyncio.Semaphore(64)
     ts = int(time.time() * 1000) - 600_000  # ten minutes old: the outage
 
@@ -194,6 +190,17 @@ async def bench_backfill(r: aredis.Redis, base_url: str, n: int, send_rate: floa
     rate = n / (time.perf_counter() - t0)
     await d.aclose()
     return rate
+
+
+#: Which send-rate limiter the dispatchers use: in-process buckets, or the Redis-shared ones the crew uses
+#: (``--shared-limiter``: one more script call per SMS). Limits far above the load unless a global rate is given.
+SHARED_LIMITER = False
+
+
+def limiter(r: aredis.Redis, **global_bound: float) -> RateLimiter:
+    if SHARED_LIMITER:
+        return RedisSendRateLimiter(r, 1e9, 1e9, **global_bound)
+    return SendRateLimiter(1e9, 1e9, **global_bound)
 
 
 async def one_run(run: int, quick: bool) -> dict[str, float]:
@@ -226,7 +233,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="smaller counts, for a smoke run")
+    p.add_argument(
+        "--shared-limiter",
+        action="store_true",
+        help="the Redis-shared send-rate limiter (the crew's default)",
+    )
     args = p.parse_args()
+    global SHARED_LIMITER
+    SHARED_LIMITER = args.shared_limiter
     runs = []
     for i in range(args.runs):
         load_before = os.getloadavg()[0]

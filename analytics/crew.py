@@ -7,8 +7,11 @@ to the retention window) and PUBLISH. The worker commits those writes and the XA
 only if the XACK removed the entry from the pending list, so a reading yields at most one anomaly entry however
 often it is delivered.
 
-Models are fitted off the event loop (a thread: scikit-learn's tree building releases the GIL), installed between
-batches, and saved to the shared :class:`~analytics.registry.ModelRegistry`; a process that meets a sensor for the
+Models are fitted off the event loop, by default in a child process that runs at a lower CPU priority (``nice``
++10): a fit holds the GIL for much of its time (scikit-learn builds each tree from Python), so in a thread it stalled
+scoring for tens of milliseconds at a time, and on a busy machine the scoring loop, ingest, the broker and Redis
+must win the CPU over background fitting. Fitted models come back pickled (and serialized for the registry), are
+installed between batches, and saved to the shared :class:`~analytics.registry.ModelRegistry`; a process that meets a sensor for the
 first time, or restarts, loads the sensor's stored model instead of warming up again, and every process picks up
 newer generations fitted elsewhere.
 """
@@ -17,12 +20,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import multiprocessing
+import os
+import threading
 import time
+import traceback
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 import redis.asyncio as aredis
@@ -63,7 +71,13 @@ class AnalyticsConfig:
     retention_days: float = 30.0
     worker: WorkerConfig = field(default_factory=lambda: WorkerConfig(batch_size=500, block_ms=5))
     detector: DetectorConfig = field(default_factory=DetectorConfig)
-    refit_threads: int = 1
+    #: Where fits run: ``"process"`` (child processes at ``refit_nice``, the default) or ``"thread"`` (this
+    #: process; fits then compete with scoring for the GIL).
+    refit_in: Literal["process", "thread"] = "process"
+    refit_workers: int = 1
+    #: ``nice`` increment of the fit processes: under CPU contention a nice-10 process gets about a tenth of
+    #: what a nice-0 one gets, so fits use spare CPU and slow down, rather than slow scoring, when there is none.
+    refit_nice: int = 10
     max_refits_in_flight: int = 4
     #: Fits started per second at most. A fit costs tens of milliseconds of CPU (and some of the GIL); at tens of
     #: thousands of readings/s the detector would ask for one every few milliseconds and starve scoring. Sensors
@@ -81,8 +95,10 @@ class AnalyticsHandler:
         self.bank = DetectorBank(config.detector)
         self.registry = ModelRegistry(redis)
         self.max_age_ms = int(config.retention_days * 86_400_000)
-        self._executor = ThreadPoolExecutor(config.refit_threads, thread_name_prefix="refit")
-        self._fits: set[asyncio.Future[FitResult]] = set()
+        if config.refit_workers < 1:
+            raise ValueError("refit_workers must be at least 1")
+        self._executor: Executor | None = None  # started at the first fit
+        self._fits: set[asyncio.Future[ChildResult]] = set()
         self._ready: list[FitResult] = []
         self._checked: set[tuple[str, str]] = set()
         self._next_refresh = time.monotonic() + config.registry_refresh_s
@@ -173,15 +189,60 @@ class AnalyticsHandler:
         loop = asyncio.get_running_loop()
         for window in self.bank.due_refits(limit=room):
             self._fit_tokens -= 1
-            fut = loop.run_in_executor(self._executor, _fit_safely, window)
+            try:
+                fut = loop.run_in_executor(self._fit_executor(), _fit_in_worker, window)
+            except (BrokenExecutor, RuntimeError) as exc:  # a fit process died: start over with a new pool
+                logger.warning("refit pool unusable (%r); starting a new one", exc)
+                self._drop_executor()
+                self._ready.append((window, None, None))
+                continue
             self._fits.add(fut)
-            fut.add_done_callback(self._fit_done)
+            fut.add_done_callback(functools.partial(self._fit_done, window))
 
-    def _fit_done(self, fut: asyncio.Future[FitResult]) -> None:
+    def _fit_executor(self) -> Executor:
+        if self._executor is None:
+            workers = self.config.refit_workers
+            if self.config.refit_in == "thread":
+                self._executor = ThreadPoolExecutor(workers, thread_name_prefix="refit")
+            else:
+                self._executor = ProcessPoolExecutor(
+                    workers,
+                    # spawn, not fork: this process has threads and an event loop that a fork would copy mid-flight.
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_init_fit_worker,
+                    initargs=(self.config.refit_nice, os.getpid()),
+                )
+        return self._executor
+
+    def _drop_executor(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    def _fit_done(self, window: TrainingWindow, fut: asyncio.Future[ChildResult]) -> None:
         self._fits.discard(fut)
-        if not fut.cancelled() and fut.exception() is None:
-            # Installed at the start of the next batch, never while a batch is being scored.
-            self._ready.append(fut.result())
+        model: SensorModel | None = None
+        blob: bytes | None = None
+        if fut.cancelled():
+            pass
+        elif (exc := fut.exception()) is not None:
+            logger.warning("fit of %s failed: %r", window.model_version, exc)
+            if isinstance(exc, BrokenExecutor):  # the fit process was killed (OOM, operator): use a new one
+                self._drop_executor()
+        else:
+            model, blob, error = fut.result()
+            if error is not None:
+                logger.warning("fit of %s failed:\n%s", window.model_version, error)
+            else:
+                assert model is not None
+                logger.info(
+                    "fitted %s on %d readings (generation %d)",
+                    window.model_version,
+                    len(window.values),
+                    generation_of(model),
+                )
+        # Installed (or abandoned) at the start of the next batch, never while a batch is being scored.
+        self._ready.append((window, model, blob))
 
     async def _install_ready(self) -> None:
         ready, self._ready = self._ready, []
@@ -206,29 +267,40 @@ class AnalyticsHandler:
             await self._install_ready()
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._drop_executor()
 
 
-#: A finished fit: the window, the model (None: the fit failed) and its registry bytes.
+#: A finished fit: the window, the model (None: the fit failed or was abandoned) and its registry bytes.
 FitResult = tuple[TrainingWindow, SensorModel | None, bytes | None]
+#: What a fit worker sends back: the model and its registry bytes, or the error's traceback.
+ChildResult = tuple[SensorModel | None, bytes | None, str | None]
 
 
-def _fit_safely(window: TrainingWindow) -> FitResult:
+def _init_fit_worker(niceness: int, parent: int) -> None:
+    if niceness > 0:
+        with contextlib.suppress(OSError):
+            os.nice(niceness)
+    # A worker blocks on its task queue, whose write end it holds too: it would outlive a crew killed with
+    # SIGKILL. It leaves as soon as it is orphaned (``parent`` is the crew's pid, passed in: the crew may have died
+    # before this process got here).
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), name="orphan-watch", daemon=True).start()
+
+
+def _exit_when_orphaned(parent: int, every_s: float = 0.5) -> None:
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    os._exit(0)
+
+
+def _fit_in_worker(window: TrainingWindow) -> ChildResult:
+    """Fit and serialize one model (in a fit process or thread). Errors come back as text, not exceptions."""
     try:
         model = fit_model(window)
-        # Serialized here, in the refit thread (zlib releases the GIL): ~7 ms of CPU the event loop, which
-        # scores readings, would otherwise spend per installed model.
+        # Serialized here (~7 ms of CPU), not by the event loop that scores readings.
         blob = model.to_bytes()
     except Exception:
-        logger.warning("fit failed for %s", window.model_version, exc_info=True)
-        return window, None, None
-    logger.info(
-        "fitted %s on %d readings (generation %d)",
-        window.model_version,
-        len(window.values),
-        generation_of(model),
-    )
-    return window, model, blob
+        return None, None, traceback.format_exc()
+    return model, blob, None
 
 
 async def run_analytics(

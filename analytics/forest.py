@@ -203,6 +203,11 @@ class CompiledForest:
         }
         return cls.from_arrays(arrays, meta, chunk_rows=chunk_rows)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickle the flat arrays once: the per-level arrays are views into them and would be copied separately.
+        arrays, meta = self.to_arrays()
+        return (_from_arrays, (arrays, meta, self.chunk_rows))
+
     def to_arrays(self) -> tuple[dict[str, NDArray[Any]], dict[str, Any]]:
         """``(arrays, meta)`` for persistence: plain numeric arrays and a JSON-able dict; see :meth:`from_arrays`."""
         arrays: dict[str, NDArray[Any]] = {
@@ -382,6 +387,10 @@ def _leaf_contributions(tree: Any) -> NDArray[np.float64]:
     depths = _node_depths(tree.children_left, tree.children_right)
     contribution: NDArray[np.float64] = depths + average_path_length(tree.n_node_samples) - 1.0
     return contribution
+
+
+def _from_arrays(arrays: dict[str, NDArray[Any]], meta: dict[str, Any], chunk_rows: int) -> CompiledForest:
+    return CompiledForest.from_arrays(arrays, meta, chunk_rows=chunk_rows)
 
 
 def _compile_complete(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from typing import Any
 
 from handoff.settings import Settings
@@ -23,6 +24,18 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--window", type=int, default=4096, help="training window per sensor")
     p.add_argument("--refit-every", type=int, default=2048, help="accepted readings between refits")
     p.add_argument("--fits-per-s", type=float, default=2.0, help="model fits started per second at most")
+    p.add_argument("--refit-workers", type=int, default=1, help="processes that fit models (default 1)")
+    p.add_argument(
+        "--refit-nice",
+        type=int,
+        default=10,
+        help="nice increment of the fit processes, so scoring wins the CPU (default 10; 0: same priority)",
+    )
+    p.add_argument(
+        "--refit-in-thread",
+        action="store_true",
+        help="fit models in a thread of this process instead of child processes",
+    )
     p.set_defaults(func=run)
 
 
@@ -36,6 +49,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from handoff.metrics import init_group_metrics, serve_metrics, stream_metrics_loop
     from handoff.worker import WorkerConfig
 
+    if args.refit_workers < 1 or not 0 <= args.refit_nice <= 19:
+        print("analytics: --refit-workers must be >= 1 and --refit-nice between 0 and 19", file=sys.stderr)
+        return 2
     url = settings.require_redis_url()
     config = AnalyticsConfig(
         retention_days=settings.anomaly_retention_days,
@@ -47,6 +63,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         ),
         detector=DetectorConfig(warmup=args.warmup, window=args.window, refit_every=args.refit_every),
         max_fits_per_s=args.fits_per_s,
+        refit_in="thread" if args.refit_in_thread else "process",
+        refit_workers=args.refit_workers,
+        refit_nice=args.refit_nice,
     )
 
     async def main(stop: asyncio.Event) -> None:

@@ -35,6 +35,7 @@ from typing import Any, Literal
 import orjson
 import redis.asyncio as aredis
 from prometheus_client import Counter, Gauge, Histogram
+from redis.exceptions import RedisError
 
 from analytics.detector import DetectorBank, DetectorConfig, TrainingWindow, fit_model
 from analytics.model import SensorModel
@@ -62,6 +63,8 @@ FITS = Counter("wd_analytics_model_fits_total", "Models fitted", ["outcome"])
 MODELS_LOADED = Counter("wd_analytics_models_loaded_total", "Models loaded from the registry")
 MODELS = Gauge("wd_analytics_models", "Sensors with a model in this process")
 
+#: A batch that takes longer than this to score is logged (INFO) with where the time went.
+SLOW_BATCH_S = 0.05
 #: Readings per batch above which scoring runs in a thread, so a huge backlog batch does not hold the loop.
 THREAD_SCORING_ABOVE = 5000
 
@@ -121,6 +124,7 @@ class AnalyticsHandler:
                 continue
             readings.extend(batch)
             entry_ids.extend([e.id] * len(batch))
+        t0 = time.perf_counter()
         await self._install_ready()
         await self._load_new_sensors(readings)
         started = time.perf_counter()
@@ -131,7 +135,15 @@ class AnalyticsHandler:
             )
         else:
             anomalies = self.bank.process(readings, detected_ms=now_ms, entry_ids=entry_ids)
-        SCORE_SECONDS.observe(time.perf_counter() - started)
+        scored = time.perf_counter()
+        SCORE_SECONDS.observe(scored - started)
+        if scored - t0 > SLOW_BATCH_S:
+            logger.info(
+                "slow batch: %d readings, %.1f ms installing/loading models, %.1f ms scoring",
+                len(readings),
+                (started - t0) * 1000,
+                (scored - started) * 1000,
+            )
         SCORE_BATCH.observe(len(readings))
         SCORED.inc(len(readings))
         ops: dict[str, list[XAdd | Publish]] = {}
@@ -156,6 +168,27 @@ class AnalyticsHandler:
                 await asyncio.wait_for(stop.wait(), interval_s)
 
     # -- models ----------------------------------------------------------------------------------------------
+
+    async def preload(self, chunk: int = 200) -> int:
+        """Load every stored model before scoring starts; returns how many.
+
+        Loading a model costs ~3 ms (decompression and checks): a restarted crew that met its 1,000 sensors in
+        its first batches would hold those batches for seconds. Sensors without a stored model warm up as usual.
+        """
+        sensors = await self.registry.sensors()
+        loaded = 0
+        for i in range(0, len(sensors), chunk):
+            part = sensors[i : i + chunk]
+            for sensor, model in (await self.registry.load_many(part)).items():
+                self.bank.sensor(*sensor).install(model)
+                loaded += 1
+            self._checked |= set(part)
+            await asyncio.sleep(0)
+        MODELS_LOADED.inc(loaded)
+        MODELS.set(sum(1 for d in self.bank.sensors.values() if d.model is not None))
+        if loaded:
+            logger.info("loaded %d stored models", loaded)
+        return loaded
 
     async def _load_new_sensors(self, readings: list[dict[str, Any]]) -> None:
         new = {(r["site"], r["sensor_id"]) for r in readings} - self._checked
@@ -317,6 +350,10 @@ async def run_analytics(
         config=config.worker,
         stop_event=stop,
     )
+    try:
+        await handler.preload()
+    except RedisError as exc:  # not fatal: models then load as their sensors' readings arrive
+        logger.warning("could not preload stored models (%r); loading them on demand", exc)
     maintenance = asyncio.create_task(handler.maintain(stop), name="analytics-maintenance")
     try:
         await worker.run()

@@ -70,6 +70,17 @@ class ModelRegistry:
         values = await self.redis.hmget(GENERATIONS_KEY, [sensor_field(s, i) for s, i in sensors])
         return {sensor: int(v) for sensor, v in zip(sensors, values, strict=True) if v is not None}
 
+    async def sensors(self) -> list[tuple[str, str]]:
+        """Every sensor with a stored model."""
+        fields = await self.redis.hkeys(GENERATIONS_KEY)
+        out = []
+        for f in fields:
+            text = f.decode() if isinstance(f, bytes) else str(f)
+            site, sep, sensor_id = text.partition(":")  # ids are [A-Za-z0-9_-]: the first colon separates
+            if sep:
+                out.append((site, sensor_id))
+        return out
+
     async def load_many(self, sensors: Iterable[tuple[str, str]]) -> dict[tuple[str, str], SensorModel]:
         """Models stored for ``sensors``; unreadable or incompatible ones are skipped (and refitted later)."""
         wanted = list(sensors)

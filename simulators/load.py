@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -283,6 +285,8 @@ def run_load(
     say = progress or (lambda _msg: None)
     stack = contextlib.ExitStack()
     fake: Any = None
+    warm_fit_args: list[str] = []
+    pipeline: Any = None
     with stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="wd-load-")))
         if self_contained:
@@ -297,8 +301,10 @@ def run_load(
                 extra_env = sms_env(fake.account_sid, fake.auth_token, fake.base_url, cfg.sites, tmp)
             crew_args = dict(cfg.crew_args)
             if cfg.warmup_readings and "analytics" not in crew_args:
-                # Fit the warm-up's models quickly: the measured run should start with every sensor modelled.
-                crew_args["analytics"] = ["--fits-per-s", "20"]
+                # Fit the warm-up's models quickly (two fit processes, no rate bound): the measured run should
+                # start with every sensor modelled.
+                warm_fit_args = ["--fits-per-s", "1000", "--refit-workers", "2"]
+                crew_args["analytics"] = warm_fit_args
             pipeline = Pipeline(
                 data_dir=tmp,
                 redis_kind=cfg.redis_kind,
@@ -306,6 +312,9 @@ def run_load(
                 crews=("ingest", "analytics", "alerting"),
                 extra_env=extra_env,
             )
+            keep_logs = os.environ.get("WD_LOAD_LOGS")
+            if keep_logs:  # copy the crews' logs out of the temporary folder when the run ends
+                stack.callback(shutil.copytree, tmp / "logs", keep_logs, dirs_exist_ok=True)
             stack.callback(pipeline.stop)
             pipeline.start()
             say(f"started private servers ({pipeline.redis_url}, {pipeline.mqtt_url}) and crews")
@@ -348,6 +357,14 @@ def run_load(
                     break
                 time.sleep(1.0)
             say(f"models ready for {ready}/{n_sensors} sensors")
+            if self_contained and warm_fit_args:
+                # The fast warm-up fit rate would go on refitting through the measured run and take a core the
+                # pipeline needs: restart analytics as configured; it loads the stored models.
+                pipeline.stop_crew("analytics")
+                del pipeline.processes["analytics"]
+                pipeline.crew_args["analytics"] = list(cfg.crew_args.get("analytics", []))
+                wait_for_metrics([pipeline.start_crew("analytics").metrics_port])
+                wait_drained(r, len(log.acked_keys()), 60)
             publisher.publish(fleet.step(int(time.time() * 1000)))
             publisher.flush()
             warm_keys = log.sent_keys()
@@ -365,11 +382,14 @@ def run_load(
         drained = wait_drained(r, len(log.acked_keys()), cfg.drain_timeout_s)
         say(f"drained in {time.monotonic() - t_drain:.1f}s" if drained else "NOT drained")
         time.sleep(1.0)  # let the last Pub/Sub alerts arrive
-        report = build_report(cfg, stats, log, r, listener.collect(), exclude=warm_keys)
+        arrivals = listener.collect()
+        report = build_report(cfg, stats, log, r, arrivals, exclude=warm_keys)
         report["drained"] = drained
         if fake is not None:
             time.sleep(2.0)  # the last SMS of the run
-            report["sms"] = sms_report([(a.alert_id, a.to, a.at) for a in fake.accepted()], log, warm_keys)
+            report["sms"] = sms_report(
+                [(a.alert_id, a.to, a.at) for a in fake.accepted()], log, warm_keys, arrivals
+            )
         return report
 
 
@@ -392,12 +412,17 @@ def sms_env(sid: str, token: str, base_url: str, sites: int, folder: Path) -> di
 
 
 def sms_report(
-    accepted: list[tuple[str | None, str, float]], log: PublishLog, exclude: set[tuple[str, str, int]]
+    accepted: list[tuple[str | None, str, float]],
+    log: PublishLog,
+    exclude: set[tuple[str, str, int]],
+    arrivals: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """SMS accepted by the Twilio fake: count, duplicates per (alert, phone), latency from the reading's publish."""
+    """SMS accepted by the Twilio fake: count, duplicates per (alert, phone), latency from the reading's publish,
+    and (given the alerts' Pub/Sub ``arrivals``) the alerting crew's share: alert on Pub/Sub -> SMS accepted."""
     publish_ms = log.publish_ms()
     per_key = Counter((alert_id, to) for alert_id, to, _at in accepted)
     latencies = []
+    hop = []
     for alert_id, _to, at in accepted:
         if alert_id is None:
             continue
@@ -406,6 +431,8 @@ def sms_report(
         if key is None or key in exclude or key not in publish_ms:
             continue
         latencies.append(max(0.0, at * 1000 - publish_ms[key]))
+        if arrivals and alert_id in arrivals:
+            hop.append(at * 1000 - arrivals[alert_id])
     return {
         "accepted": len(accepted),
         "duplicates": sum(c - 1 for c in per_key.values() if c > 1),
@@ -414,6 +441,11 @@ def sms_report(
             "p95": percentile(latencies, 0.95),
             "p99": percentile(latencies, 0.99),
             "n": len(latencies),
+        },
+        "alerting_hop_ms": {
+            "p50": percentile(hop, 0.50),
+            "p99": percentile(hop, 0.99),
+            "max": max(hop, default=None),
         },
     }
 

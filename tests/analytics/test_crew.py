@@ -119,6 +119,23 @@ async def test_spike_after_warmup_is_emitted_once_with_contract_shape(r: aredis.
     await pubsub.aclose()
 
 
+async def test_a_starting_crew_loads_every_stored_model_before_any_reading(r: aredis.Redis) -> None:
+    for s in range(3):
+        await push(r, normal_series(300, seed=s, sensor=f"s-{s}"))
+    config = small_config()
+
+    async def fitted() -> bool:
+        return await drained(r) and await r.hlen(keys.MODEL_GENERATIONS) == 3
+
+    await run_crew_until(r, config, fitted)
+    await r.delete(keys.READINGS)  # nothing left to read: models can only come from the registry
+    stop = asyncio.Event()
+    stop.set()  # stops at once, after the start-up
+    handler = await run_analytics(r, config, stop, consumer="t2")
+    loaded = {key for key, d in handler.bank.sensors.items() if d.model is not None}
+    assert loaded == {("plant-1", f"s-{s}") for s in range(3)}
+
+
 async def test_hard_limits_fire_during_warmup_as_critical(r: aredis.Redis) -> None:
     await push(r, [reading(0, 7.0), reading(1, 15.2), reading(2, 7.1, turbidity=-0.5)])
     await run_crew_until(r, small_config(warmup=1000), lambda: drained(r))

@@ -94,18 +94,21 @@ async def test_a_killed_fit_process_is_replaced_and_the_fit_retried(r: aredis.Re
     assert set(fit_workers(os.getpid())).isdisjoint(killed)
 
 
+def start_crew(url: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "waterdoctor.cli", "--log-level", "WARNING", "analytics", "--consumer", "a-0",
+         "--metrics-port", str(free_port()), "--warmup", "100", "--fits-per-s", "1000"],
+        cwd=ROOT, env={**os.environ, "WD_REDIS_URL": url}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
 @pytest.mark.slow
 async def test_a_crew_killed_with_sigkill_leaves_no_fit_process(redis_only_url: str) -> None:
     r = aredis.Redis.from_url(redis_only_url)
     # Many sensors: fits follow one another for a while, so a fit process is alive when the crew is killed.
     for s in range(40):
         await push(r, normal_series(150, seed=s, sensor=f"s-{s}"))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "waterdoctor.cli", "--log-level", "WARNING", "analytics", "--consumer", "a-0",
-         "--metrics-port", str(free_port()), "--warmup", "100", "--fits-per-s", "1000"],
-        cwd=ROOT, env={**os.environ, "WD_REDIS_URL": redis_only_url},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    proc = start_crew(redis_only_url)
     try:
         workers: list[int] = []
         deadline = time.monotonic() + 60

@@ -298,6 +298,13 @@ class SensorDetector:
         """
         if not readings:
             return []
+        if len(readings) == 1:  # the common live case, without the sorting and de-duplication
+            seq = int(readings[0]["seq"])
+            if self.last_seq is None or seq > self.last_seq:
+                found = self._process_fresh(readings, [0])
+                self.last_seq = seq
+                return found
+            return self._process_stale(readings, [0])
         order = sorted(range(len(readings)), key=lambda i: int(readings[i]["seq"]))
         fresh: list[int] = []
         stale: list[int] = []
@@ -340,8 +347,14 @@ class SensorDetector:
 
     def _stuck_runs(self, values: F64) -> NDArray[np.int64]:
         """Run length of identical values per row and column, continuing the stored runs; updates them."""
-        runs = np.zeros(values.shape, dtype=np.int64)
         last, run = self._last, self._run
+        if values.shape[0] == 1:
+            v = values[0]
+            present = v == v  # not NaN
+            run = np.where(present, np.where(v == last, run + 1, 1), run)
+            self._last, self._run = np.where(present, v, last), run
+            return run[None, :]
+        runs = np.zeros(values.shape, dtype=np.int64)
         for i in range(values.shape[0]):
             v = values[i]
             present = ~np.isnan(v)
@@ -492,12 +505,12 @@ class SensorDetector:
         if self._return_pending is not None or model.slow_alpha > 0 or h > self._hist.shape[0]:
             return False
         mcols = self._model_cols
-        x = row[mcols]
-        hist = self._hist[-h:, mcols]
-        if np.isnan(x).any() or np.isnan(hist[-1]).any():
+        x = row.take(mcols)
+        hist = self._hist[-h:].take(mcols, axis=1)
+        if np.isnan(x.sum() + hist[-1].sum()):  # a missing value, here or in the baseline
             return False
-        at_limit = (x == model.saturated_lo_) | (x == model.saturated_hi_)
-        if ((runs[mcols] >= model.stuck_run_) & (model.stuck_run_ > 0) & ~at_limit).any():
+        stuck = runs.take(mcols) >= model.stuck_limit_
+        if stuck.any() and (stuck & (x != model.saturated_lo_) & (x != model.saturated_hi_)).any():
             return False
         base = np.partition(hist, h // 2, axis=0)[h // 2] if h % 2 else np.median(hist, axis=0)
         if model.score_row((x - base) / model.fast_scale_) >= model.threshold_:
@@ -510,10 +523,11 @@ class SensorDetector:
         self._accepted_since_fit += 1
         self._record_levels(1)
         last = self._hist[-1]
-        new = np.where(np.isnan(row), last, row)
+        missing = row != row  # NaN
+        never = (last != last) & ~missing  # a metric's first value: it fills the whole history
+        new = np.where(missing, last, row) if missing.any() else row
         self._hist[:-1] = self._hist[1:]
         self._hist[-1] = new
-        never = np.isnan(last) & ~np.isnan(row)
         if never.any():
             self._hist[:, never] = row[never]
         self.consecutive_flags = 0

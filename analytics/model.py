@@ -506,8 +506,21 @@ class SensorModel:
         """:meth:`score_features` of one feature row (1-D), with less per-call overhead."""
         s = self.forest_.score_row(z)
         g = self.envelope_guard
-        over = max(float(np.max(z - (self.feature_hi_ + g))), float(np.max((self.feature_lo_ - g) - z)), 0.0)
+        # Same arithmetic as envelope_excess, as methods on the arrays (less call overhead for one row).
+        over = max(float((z - (self.feature_hi_ + g)).max()), float(((self.feature_lo_ - g) - z).max()), 0.0)
+        if over == 0.0:
+            return s
         return s + (1.0 - s) * -math.expm1(-over / self.envelope_scale)
+
+    @property
+    def stuck_limit_(self) -> NDArray[np.int64]:
+        """Per metric, the run length from which it is stuck: ``stuck_run_``, or the largest int64 where 0 (never)."""
+        cached = self.__dict__.get("_stuck_limit")
+        if cached is None or cached[0] is not self.stuck_run_:
+            limit = np.where(self.stuck_run_ > 0, self.stuck_run_, np.iinfo(np.int64).max)
+            cached = self.__dict__["_stuck_limit"] = (self.stuck_run_, limit)
+        out: NDArray[np.int64] = cached[1]
+        return out
 
     def envelope_excess(self, z: F64) -> F64:
         """Per feature: how many spreads beyond ``training extreme + envelope_guard`` (0 inside); shape of ``z``."""

@@ -78,7 +78,7 @@ def main() -> None:
             report["wall_s"] = round(time.monotonic() - t, 1)
             report["load"] = loadavg()
             runs.append(report)
-            shown = ("achieved_rate", "lost", "duplicated", "latency_ms", "stages_ms", "problems")
+            shown = ("achieved_rate", "lost", "duplicated", "drain_s", "latency_ms", "stages_ms", "problems")
             sms = report.get("sms", {})
             print(
                 label,
@@ -89,7 +89,7 @@ def main() -> None:
             )
         rows.append((label, runs))
 
-    def med(runs: list[dict[str, Any]], *path: str) -> str:
+    def med(runs: list[dict[str, Any]], *path: str, digits: int = 0) -> str:
         vals = []
         for r in runs:
             v: Any = r
@@ -97,19 +97,19 @@ def main() -> None:
                 v = v.get(p) if isinstance(v, dict) else None
             if isinstance(v, int | float):
                 vals.append(float(v))
-        return f"{statistics.median(vals):,.0f}" if vals else "-"
+        return f"{statistics.median(vals):,.{digits}f}" if vals else "-"
 
     print()
     print(
-        "| configuration | offered/s | achieved/s | lost | duplicated | publish-to-anomaly p50 / p99 ms | "
+        "| configuration | offered/s | achieved/s | lost | duplicated | drain s | publish-to-anomaly p50 / p99 ms | "
         "publish-to-SMS p50 / p99 ms | SMS duplicates | passed |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for label, runs in rows:
         passed = sum(1 for r in runs if not r["problems"])
         print(
             f"| {label} | {med(runs, 'offered_rate')} | {med(runs, 'achieved_rate')} | "
-            f"{sum(r['lost'] for r in runs)} | {sum(r['duplicated'] for r in runs)} | "
+            f"{sum(r['lost'] for r in runs)} | {sum(r['duplicated'] for r in runs)} | {med(runs, 'drain_s', digits=1)} | "
             f"{med(runs, 'latency_ms', 'p50')} / {med(runs, 'latency_ms', 'p99')} | "
             f"{med(runs, 'sms', 'latency_ms', 'p50')} / {med(runs, 'sms', 'latency_ms', 'p99')} | "
             f"{sum(r.get('sms', {}).get('duplicates', 0) for r in runs)} | {passed}/{len(runs)} |"

@@ -301,10 +301,10 @@ class SensorDetector:
         if len(readings) == 1:  # the common live case, without the sorting and de-duplication
             seq = int(readings[0]["seq"])
             if self.last_seq is None or seq > self.last_seq:
-                found = self._process_fresh(readings, [0])
+                found = self._process_fresh(list(readings), [0])
                 self.last_seq = seq
                 return found
-            return self._process_stale(readings, [0])
+            return self._process_stale(list(readings), [0])
         order = sorted(range(len(readings)), key=lambda i: int(readings[i]["seq"]))
         fresh: list[int] = []
         stale: list[int] = []

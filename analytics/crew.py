@@ -11,9 +11,9 @@ Models are fitted off the event loop, by default in a child process that runs at
 +10): a fit holds the GIL for much of its time (scikit-learn builds each tree from Python), so in a thread it stalled
 scoring for tens of milliseconds at a time, and on a busy machine the scoring loop, ingest, the broker and Redis
 must win the CPU over background fitting. Fitted models come back pickled (and serialized for the registry), are
-installed between batches, and saved to the shared :class:`~analytics.registry.ModelRegistry`; a process that meets a sensor for the
-first time, or restarts, loads the sensor's stored model instead of warming up again, and every process picks up
-newer generations fitted elsewhere.
+installed between batches, and saved to the shared :class:`~analytics.registry.ModelRegistry`. A starting process
+loads every stored model before it reads a reading, one that meets a new sensor loads its model if another process
+stored one, and every process picks up newer generations fitted elsewhere.
 """
 
 from __future__ import annotations

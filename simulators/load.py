@@ -148,6 +148,21 @@ def wait_for_metrics(ports: list[int], timeout_s: float = 60.0) -> None:
                 time.sleep(0.2)
 
 
+def wait_for_gauge(port: int, name: str, at_least: float, timeout_s: float = 60.0) -> bool:
+    """Wait until a crew's metric ``name`` (no labels) reaches ``at_least``; False on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as resp:
+                for line in resp.read().decode().splitlines():
+                    if line.startswith(name + " ") and float(line.split()[-1]) >= at_least:
+                        return True
+        except OSError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
 def wait_drained(r: redis.Redis, acked: int, timeout_s: float) -> bool:
     """Until analytics has no lag or pending on the readings stream and the stream holds what was acknowledged."""
     deadline = time.monotonic() + timeout_s
@@ -341,14 +356,28 @@ def run_load(
             n_sensors = cfg.sites * cfg.sensors
             deadline = time.monotonic() + cfg.model_wait_s
             last, last_change = -1, time.monotonic()
+            publisher.publish(fleet.step(int(time.time() * 1000)))  # the warm-up readings, then live ones
+            publisher.flush()
             while True:
-                # Keep the fleet's clock on the wall clock while models are fitted, and let the pipeline drain,
-                # so the measured run starts with no backlog.
-                publisher.publish(fleet.step(int(time.time() * 1000)))
-                publisher.flush()
+                # Let the pipeline drain and the models be fitted. Meanwhile the fleet's clock follows the wall
+                # clock, but only sensors still without a model get their readings published (the others look
+                # silent): publishing everything made every round longer than the last at high rates (fits and
+                # scoring on the same cores) and the warm-up never ended. The detector restarts a sensor's
+                # baseline after a silence, so the measured run starts clean.
                 publisher.drain(60)
                 wait_drained(r, len(log.acked_keys()), 60)
-                ready = r.hlen(keys.MODEL_GENERATIONS)
+                modelled = {
+                    f.decode() if isinstance(f, bytes) else f for f in r.hkeys(keys.MODEL_GENERATIONS)
+                }
+                publisher.publish(
+                    [
+                        x
+                        for x in fleet.step(int(time.time() * 1000))
+                        if f"{x.site}:{x.sensor_id}" not in modelled
+                    ]
+                )
+                publisher.flush()
+                ready = len(modelled)
                 if ready != last:
                     last, last_change = ready, time.monotonic()
                 # Sensors that were silent through the warm-up get no model yet: stop once the count settles.
@@ -363,7 +392,10 @@ def run_load(
                 pipeline.stop_crew("analytics")
                 del pipeline.processes["analytics"]
                 pipeline.crew_args["analytics"] = list(cfg.crew_args.get("analytics", []))
-                wait_for_metrics([pipeline.start_crew("analytics").metrics_port])
+                port = pipeline.start_crew("analytics").metrics_port
+                wait_for_metrics([port])
+                wait_for_gauge(port, "wd_analytics_models", ready)  # it loads every stored model first
+                fleet.step(int(time.time() * 1000))  # dropped, as above
             # Catch the fleet up with the wall clock (fits and the restart took a while) until a catch-up round is
             # short: the measured run must start in a steady state, not behind a burst of the fleet's backlog.
             for _ in range(20):

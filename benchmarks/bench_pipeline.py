@@ -51,6 +51,11 @@ def main() -> None:
         default=0,
         help="with --rate: readings per sensor published first, so every sensor has a model when measuring starts",
     )
+    ap.add_argument(
+        "--analytics-args",
+        default="",
+        help="extra arguments for the analytics crew's measured run, e.g. '--refit-in-thread' (an A/B baseline)",
+    )
     args = ap.parse_args()
     configs = CONFIGS
     if args.rate:
@@ -70,7 +75,10 @@ def main() -> None:
                 warmup_readings=warm, anomaly_rate=0.002, seed=len(runs) + 1, model_wait_s=300,
                 # One phone per site gets every alert of its site: the default bound of 1 SMS/s per number
                 # would make this a measurement of that policy (queued SMS), not of the pipeline's latency.
-                crew_args={"alerting": ["--per-number-rate", "100", "--per-number-burst", "100"]},
+                crew_args={
+                    "alerting": ["--per-number-rate", "100", "--per-number-burst", "100"],
+                    **({"analytics": args.analytics_args.split()} if args.analytics_args else {}),
+                },
             )  # fmt: skip
             t = time.monotonic()
             report = run_load(cfg, redis_url=None, mqtt_url=None, self_contained=True)
@@ -78,7 +86,15 @@ def main() -> None:
             report["wall_s"] = round(time.monotonic() - t, 1)
             report["load"] = loadavg()
             runs.append(report)
-            shown = ("achieved_rate", "lost", "duplicated", "drain_s", "latency_ms", "stages_ms", "problems")
+            shown = (
+                "achieved_rate",
+                "lost",
+                "duplicated",
+                "drain_s",
+                "publisher_stalls",
+                "latency_ms",
+                "stages_ms",
+            )
             sms = report.get("sms", {})
             print(
                 label,

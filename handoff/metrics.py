@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
+import time
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
@@ -43,8 +45,44 @@ def init_group_metrics(stream: str, group: str) -> None:
     DEAD_LETTERS.labels(stream, group)
 
 
+GC_PAUSE = Histogram(
+    "wd_gc_pause_seconds",
+    "Time this process stood still in Python's cyclic garbage collector, per collection",
+    ["generation"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+#: A collection that takes longer than this is logged (INFO).
+SLOW_GC_S = 0.05
+_gc_watched = False
+
+
+def watch_gc() -> None:
+    """Time every garbage collection into ``wd_gc_pause_seconds`` and log the slow ones (idempotent).
+
+    A full collection walks every container object the process holds: with a thousand sensors' models that is
+    over 100 ms in which a crew reads, scores and acknowledges nothing.
+    """
+    global _gc_watched
+    if _gc_watched:
+        return
+    _gc_watched = True
+    started = [0.0]
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+            return
+        took = time.perf_counter() - started[0]
+        GC_PAUSE.labels(str(info["generation"])).observe(took)
+        if took > SLOW_GC_S:
+            logger.info("garbage collection (generation %d) took %.0f ms", info["generation"], took * 1000)
+
+    gc.callbacks.append(callback)
+
+
 def serve_metrics(port: int | None, addr: str = "0.0.0.0") -> None:
-    """Serve ``/metrics`` on ``port`` (``None`` or 0: do not serve)."""
+    """Serve ``/metrics`` on ``port`` (``None`` or 0: do not serve); also starts :func:`watch_gc`."""
+    watch_gc()
     if not port:
         return
     start_http_server(port, addr=addr)

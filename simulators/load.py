@@ -315,11 +315,14 @@ def run_load(
                 fake = stack.enter_context(TwilioFakeProcess(tmp))
                 extra_env = sms_env(fake.account_sid, fake.auth_token, fake.base_url, cfg.sites, tmp)
             crew_args = dict(cfg.crew_args)
-            if cfg.warmup_readings and "analytics" not in crew_args:
+            if cfg.warmup_readings:
                 # Fit the warm-up's models quickly (two fit processes, no rate bound): the measured run should
                 # start with every sensor modelled.
                 warm_fit_args = ["--fits-per-s", "1000", "--refit-workers", "2", "--refit-nice", "0"]
-                crew_args["analytics"] = warm_fit_args
+                crew_args["analytics"] = [
+                    *crew_args.get("analytics", []),
+                    *warm_fit_args,
+                ]  # the last flag wins
             pipeline = Pipeline(
                 data_dir=tmp,
                 redis_kind=cfg.redis_kind,
@@ -428,6 +431,7 @@ def run_load(
         # Seconds from the last publish until analytics had scored everything (polled every 0.5 s): a pipeline
         # that keeps up drains in about a second; one that falls behind carries its backlog here.
         report["drain_s"] = round(drain_s, 1)
+        report["publisher_stalls"] = {"max_s": round(stats.max_stall_s, 3), "over_100ms": stats.stalls}
         if fake is not None:
             time.sleep(2.0)  # the last SMS of the run
             report["sms"] = sms_report(

@@ -234,6 +234,11 @@ class PublishStats:
     messages_rejected: int
     messages_unacked: int
     disconnects: int
+    #: Of :meth:`Publisher.run`: the longest time between two rounds of the publishing loop, and how many rounds
+    #: came more than 100 ms late. A stalled publisher sends what it owes at once: the load downstream is burstier
+    #: than the fleet's own.
+    max_stall_s: float = 0.0
+    stalls: int = 0
 
     @property
     def achieved_rate(self) -> float:
@@ -301,6 +306,8 @@ class Publisher:
         self._buffer_since: dict[tuple[str, str], float] = {}
         self._started_at: float | None = None
         self._offered_rate = 0.0
+        self._max_stall_s = 0.0
+        self._stalls = 0
 
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -445,7 +452,13 @@ class Publisher:
         end_ms = now_ms + (round(duration_s * 1000) if duration_s is not None else 10**15)
         next_progress = start + progress_every_s
         tick_s = 0.005
+        last_round = time.monotonic()
         while not stop.is_set():
+            t_round = time.monotonic()
+            late = t_round - last_round - tick_s
+            last_round = t_round
+            self._max_stall_s = max(self._max_stall_s, late)
+            self._stalls += late > 0.1
             now_ms = min(_wall_ms(), end_ms)
             if now_ms > fleet.now_ms:
                 self.publish(fleet.step(now_ms), stop)
@@ -475,6 +488,8 @@ class Publisher:
             messages_rejected=log.messages_rejected,
             messages_unacked=log.messages_unacked,
             disconnects=self.disconnects,
+            max_stall_s=self._max_stall_s,
+            stalls=self._stalls,
         )
 
     @property

@@ -40,7 +40,7 @@ from redis.exceptions import RedisError
 from analytics.detector import DetectorBank, DetectorConfig, TrainingWindow, fit_model
 from analytics.model import SensorModel
 from analytics.registry import ModelRegistry, generation_of
-from handoff import keys
+from handoff import keys, runloop
 from handoff.worker import Ack, ConsumerGroupWorker, Entry, Fail, Outcome, Publish, WorkerConfig, XAdd
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,9 @@ class AnalyticsConfig:
     #: what a nice-0 one gets, so fits use spare CPU and slow down, rather than slow scoring, when there is none.
     refit_nice: int = 10
     max_refits_in_flight: int = 4
+    #: After loading the stored models at start, exempt them (and everything else alive) from the cyclic garbage
+    #: collector (:func:`handoff.runloop.freeze_long_lived`); the command-line crew does, tests need not.
+    freeze_after_preload: bool = False
     #: Fits started per second at most. A fit costs tens of milliseconds of CPU (and some of the GIL); at tens of
     #: thousands of readings/s the detector would ask for one every few milliseconds and starve scoring. Sensors
     #: whose refit waits keep scoring with their current model.
@@ -351,7 +354,8 @@ async def run_analytics(
         stop_event=stop,
     )
     try:
-        await handler.preload()
+        if await handler.preload() and config.freeze_after_preload:
+            runloop.freeze_long_lived()  # the models just loaded live as long as they are current
     except RedisError as exc:  # not fatal: models then load as their sensors' readings arrive
         logger.warning("could not preload stored models (%r); loading them on demand", exc)
     maintenance = asyncio.create_task(handler.maintain(stop), name="analytics-maintenance")

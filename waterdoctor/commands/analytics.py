@@ -66,6 +66,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         refit_in="thread" if args.refit_in_thread else "process",
         refit_workers=args.refit_workers,
         refit_nice=args.refit_nice,
+        freeze_after_preload=True,
     )
 
     async def main(stop: asyncio.Event) -> None:

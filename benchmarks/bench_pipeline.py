@@ -92,6 +92,7 @@ def main() -> None:
                 "duplicated",
                 "drain_s",
                 "publisher_stalls",
+                "stored_ms",
                 "latency_ms",
                 "stages_ms",
             )

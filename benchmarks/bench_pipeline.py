@@ -95,6 +95,7 @@ def main() -> None:
                 "stored_ms",
                 "latency_ms",
                 "stages_ms",
+                "slowest",
             )
             sms = report.get("sms", {})
             print(

@@ -238,6 +238,10 @@ def build_report(
     anomalies = [a for a in all_anomalies if (a["site"], a["sensor_id"], a["seq"]) in sent_keys]
     detected_ids: Counter[str] = Counter(a["alert_id"] for a in anomalies)
     latencies = []
+    slowest: list[
+        tuple[float, str, str, float]
+    ] = []  # latency, alert id, rule, ms after the run's first publish
+    t0 = min((publish_ms[k] for k in sent_keys if k in publish_ms), default=0.0)
     stages: dict[str, list[float]] = {"stored": [], "scoring": [], "pubsub": []}
     detected_labels: Counter[str] = Counter()
     false_alerts = 0
@@ -254,6 +258,7 @@ def build_report(
         t_arr = arrivals.get(a["alert_id"], a["detected_ms"])
         if t_pub is not None:
             latencies.append(max(0.0, t_arr - t_pub))
+            slowest.append((t_arr - t_pub, a["alert_id"], a.get("rule", "?"), t_pub - t0))
             # Where the time went: publish -> stored (the reading's entry id is the server's clock at the XADD),
             # stored -> its scoring batch started (``detected_ms``), and batch start -> arrival on Pub/Sub.
             stored_ms = _entry_ms(a.get("reading_entry_id"))
@@ -294,6 +299,11 @@ def build_report(
             "p99": percentile(latencies, 0.99),
             "n": len(latencies),
         },
+        # The five slowest anomalies: where a tail comes from (a rule, a moment of the run).
+        "slowest": [
+            {"ms": round(ms), "alert_id": aid, "rule": rule, "at_s": round(at / 1000, 1)}
+            for ms, aid, rule, at in sorted(slowest, reverse=True)[:5]
+        ],
         "stored_ms": {
             "p50": percentile(store_delays, 0.50),
             "p99": percentile(store_delays, 0.99),
@@ -391,6 +401,7 @@ def run_load(
         publisher = Publisher(MqttEndpoint.parse(mqtt_url), batch=cfg.batch, log=log)
         publisher.start()
         warm_keys: set[tuple[str, str, int]] = set()
+        warm_mark = 0
         if cfg.warmup_readings:
             say(f"warm-up: {cfg.warmup_readings} readings per sensor ({warm_ms / 1000:.0f}s of fleet time)")
             n_sensors = cfg.sites * cfg.sensors
@@ -405,7 +416,7 @@ def run_load(
                 # scoring on the same cores) and the warm-up never ended. The detector restarts a sensor's
                 # baseline after a silence, so the measured run starts clean.
                 publisher.drain(60)
-                wait_drained(r, len(log.acked_keys()), 60, tally)
+                wait_drained(r, log.first_sends_acked, 60, tally)
                 modelled = {
                     f.decode() if isinstance(f, bytes) else f for f in r.hkeys(keys.MODEL_GENERATIONS)
                 }
@@ -443,10 +454,12 @@ def run_load(
                 publisher.publish(fleet.step(int(time.time() * 1000)))
                 publisher.flush()
                 publisher.drain(60)
-                wait_drained(r, len(log.acked_keys()), 60, tally)
+                wait_drained(r, log.first_sends_acked, 60, tally)
                 if time.monotonic() - started < 0.25:
                     break
-            warm_keys = log.sent_keys()
+            warm_mark = (
+                log.readings_sent
+            )  # what was sent before is warm-up (the keys are taken after the run)
         say(f"publishing {cfg.rate:,.0f} readings/s for {cfg.duration_s:.0f}s (batch {cfg.batch})")
 
         def on_progress(s: PublishStats) -> None:
@@ -459,6 +472,8 @@ def run_load(
         say(f"published {stats.readings_sent:,} readings; waiting for the pipeline to drain")
         t_drain = time.monotonic()
         drained = wait_drained(r, len(log.acked_keys()), cfg.drain_timeout_s, tally)
+        if warm_mark:
+            warm_keys = log.sent_keys(stop=warm_mark)
         drain_s = time.monotonic() - t_drain
         say(f"drained in {drain_s:.1f}s" if drained else "NOT drained")
         time.sleep(1.0)  # let the last Pub/Sub alerts arrive

@@ -118,9 +118,13 @@ class PublishLog:
             bytearray()
         )  # 0 in flight, 1 acknowledged, 2 rejected by the broker (reason code >= 0x80)
         self._msg_size = array("i")
+        self._msg_first = array("i")  # readings of the message that are not a repeated send
         self.messages_acked = 0
         self.messages_rejected = 0
         self.readings_acked = 0
+        #: Acknowledged readings that were not a repeated send: about the distinct readings the broker has, at
+        #: no cost (``len(acked_keys())`` walks every record: seconds once there are millions).
+        self.first_sends_acked = 0
 
     # -- written by the publisher ---------------------------------------------------------------------------
 
@@ -130,6 +134,7 @@ class PublishLog:
             msg = len(self._msg_state)
             self._msg_state.append(0)
             self._msg_size.append(len(readings))
+            self._msg_first.append(sum(1 for r in readings if not r.repeat))
             ids = self._sensor_ids
             for r in readings:
                 name = (r.site, r.sensor_id)
@@ -154,6 +159,7 @@ class PublishLog:
             if ok:
                 self.messages_acked += 1
                 self.readings_acked += self._msg_size[message]
+                self.first_sends_acked += self._msg_first[message]
             else:
                 self.messages_rejected += 1
 
@@ -173,13 +179,14 @@ class PublishLog:
         with self._lock:
             return len(self._msg_state) - self.messages_acked - self.messages_rejected
 
-    def entries(self) -> Iterator[PublishedReading]:
-        """Every reading sent, in send order (a repeated reading appears once per send)."""
+    def entries(self, start: int = 0, stop: int | None = None) -> Iterator[PublishedReading]:
+        """Every reading sent, in send order (a repeated reading appears once per send); ``start``/``stop``
+        select by position, as in a slice (``readings_sent`` before a phase marks where it begins)."""
         with self._lock:
-            n = len(self._seq)
+            n = len(self._seq) if stop is None else min(stop, len(self._seq))
             names = list(self._sensor_names)
             state = bytes(self._msg_state)
-        for i in range(n):
+        for i in range(start, n):
             site, sensor_id = names[self._sensor[i]]
             msg = self._message[i]
             yield PublishedReading(
@@ -193,9 +200,9 @@ class PublishLog:
                 msg,
             )
 
-    def sent_keys(self) -> set[ReadingKey]:
+    def sent_keys(self, start: int = 0, stop: int | None = None) -> set[ReadingKey]:
         """Distinct ``(site, sensor_id, seq)`` sent: what the pipeline must store exactly once."""
-        return {(e.site, e.sensor_id, e.seq) for e in self.entries()}
+        return {(e.site, e.sensor_id, e.seq) for e in self.entries(start, stop)}
 
     def acked_keys(self) -> set[ReadingKey]:
         """Distinct keys of which at least one send was acknowledged by the broker."""

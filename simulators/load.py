@@ -238,9 +238,8 @@ def build_report(
     anomalies = [a for a in all_anomalies if (a["site"], a["sensor_id"], a["seq"]) in sent_keys]
     detected_ids: Counter[str] = Counter(a["alert_id"] for a in anomalies)
     latencies = []
-    slowest: list[
-        tuple[float, str, str, float]
-    ] = []  # latency, alert id, rule, ms after the run's first publish
+    # (latency, alert id, rule, ms after the run's first publish) of every anomaly, for the five slowest
+    slowest: list[tuple[float, str, str, float]] = []
     t0 = min((publish_ms[k] for k in sent_keys if k in publish_ms), default=0.0)
     stages: dict[str, list[float]] = {"stored": [], "scoring": [], "pubsub": []}
     detected_labels: Counter[str] = Counter()

@@ -52,6 +52,12 @@ def main() -> None:
         help="with --rate: readings per sensor published first, so every sensor has a model when measuring starts",
     )
     ap.add_argument(
+        "--lead-in",
+        type=float,
+        default=1.0,
+        help="with --warmup: seconds of live publishing after the warm-up that are not measured (default 1)",
+    )
+    ap.add_argument(
         "--analytics-args",
         default="",
         help="extra arguments for the analytics crew's measured run, e.g. '--refit-in-thread' (an A/B baseline)",
@@ -72,7 +78,7 @@ def main() -> None:
         for _ in range(args.runs):
             cfg = LoadConfig(
                 rate=rate, duration_s=args.duration, sites=sites, sensors=sensors, batch=batch,
-                warmup_readings=warm, anomaly_rate=0.002, seed=len(runs) + 1, model_wait_s=300,
+                warmup_readings=warm, anomaly_rate=0.002, seed=len(runs) + 1, model_wait_s=300, lead_in_s=args.lead_in,
                 # One phone per site gets every alert of its site: the default bound of 1 SMS/s per number
                 # would make this a measurement of that policy (queued SMS), not of the pipeline's latency.
                 crew_args={

@@ -57,6 +57,9 @@ class LoadConfig:
     #: sensor has a model when measuring starts; they count for loss and duplicates, not for detection.
     warmup_readings: int = 300
     model_wait_s: float = 60.0
+    #: After the warm-up, seconds of live publishing that are not measured: the transition out of the warm-up
+    #: (sensors back from the silence the model fitting imposed on them, their buffered readings) is not steady.
+    lead_in_s: float = 1.0
     redis_kind: str = "redis"
     #: Self-contained runs send real SMS through the official twilio package to a local fake of the Twilio
     #: Messages API, one phone per site, and report reading-publish-to-SMS-accepted latency.
@@ -456,10 +459,10 @@ def run_load(
                 wait_drained(r, log.first_sends_acked, 60, tally)
                 if time.monotonic() - started < 0.1:
                     break
-            # One second of live publishing before measuring: the sensors whose readings were dropped while the
+            # Live publishing before measuring (``lead_in_s``): the sensors whose readings were dropped while the
             # models were fitted come back from a silence (a baseline restart each), and late readings buffered
             # through that wait arrive now. What was sent so far is warm-up (its keys are taken after the run).
-            publisher.run(fleet, 1.0)
+            publisher.run(fleet, cfg.lead_in_s)
             warm_mark = log.readings_sent
         say(f"publishing {cfg.rate:,.0f} readings/s for {cfg.duration_s:.0f}s (batch {cfg.batch})")
 

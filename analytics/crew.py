@@ -182,37 +182,40 @@ class AnalyticsHandler:
         loaded = 0
         for i in range(0, len(sensors), chunk):
             part = sensors[i : i + chunk]
-            for sensor, model in (await self.registry.load_many(part)).items():
-                self.bank.sensor(*sensor).install(model)
-                loaded += 1
+            loaded += await self._install_stored(part)
             self._checked |= set(part)
             await asyncio.sleep(0)
-        MODELS_LOADED.inc(loaded)
-        MODELS.set(sum(1 for d in self.bank.sensors.values() if d.model is not None))
         if loaded:
             logger.info("loaded %d stored models", loaded)
         return loaded
+
+    async def _install_stored(self, sensors: Sequence[tuple[str, str]] | set[tuple[str, str]]) -> int:
+        """Install the registry's models of ``sensors`` (those it has); returns how many."""
+        models = await self.registry.load_many(sensors)
+        for sensor, model in models.items():
+            self.bank.sensor(*sensor).install(model)
+        if models:
+            MODELS_LOADED.inc(len(models))
+            self._count_models()
+        return len(models)
+
+    def _count_models(self) -> None:
+        MODELS.set(sum(1 for d in self.bank.sensors.values() if d.model is not None))
 
     async def _load_new_sensors(self, readings: list[dict[str, Any]]) -> None:
         new = {(r["site"], r["sensor_id"]) for r in readings} - self._checked
         if new:
             self._checked |= new
-            for sensor, model in (await self.registry.load_many(new)).items():
-                self.bank.sensor(*sensor).install(model)
-                MODELS_LOADED.inc()
+            await self._install_stored(new)
         if time.monotonic() >= self._next_refresh:
             self._next_refresh = time.monotonic() + self.config.registry_refresh_s
             await self._refresh_generations()
-        MODELS.set(sum(1 for d in self.bank.sensors.values() if d.model is not None))
 
     async def _refresh_generations(self) -> None:
         """Adopt models that another process fitted since we last looked."""
         sensors = list(self.bank.sensors)
         stored = await self.registry.generations(sensors)
-        newer = [s for s, gen in stored.items() if gen > self.bank.sensors[s].generation]
-        for sensor, model in (await self.registry.load_many(newer)).items():
-            self.bank.sensor(*sensor).install(model)
-            MODELS_LOADED.inc()
+        await self._install_stored([s for s, gen in stored.items() if gen > self.bank.sensors[s].generation])
 
     def _schedule_refits(self) -> None:
         now = time.monotonic()
@@ -294,6 +297,8 @@ class AnalyticsHandler:
                 await self.registry.save(window.site, window.sensor_id, model, blob)
             except Exception:  # the model still serves this process; the next refit saves again
                 logger.warning("could not save model %s", model.model_version_, exc_info=True)
+        if ready:
+            self._count_models()
 
     async def wait_for_refits(self) -> None:
         """Wait for refits in flight and install them (tests, shutdown)."""

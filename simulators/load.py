@@ -113,9 +113,9 @@ class AlertListener:
             self.proc.stdout.close()
 
 
-def read_stream(r: redis.Redis, stream: str, chunk: int = 5000) -> list[tuple[str, bytes]]:
+def read_stream(r: redis.Redis, stream: str, chunk: int = 5000, start: str = "-") -> list[tuple[str, bytes]]:
+    """Every entry from ``start`` (inclusive) to the end, as ``(id, payload)``, read ``chunk`` entries at a time."""
     out: list[tuple[str, bytes]] = []
-    start = "-"
     while True:
         items: Any = r.xrange(stream, min=start, max="+", count=chunk)
         if not items:
@@ -182,16 +182,14 @@ class StoredTally:
         self._next = "-"
         self.total = 0
 
-    def update(self, r: redis.Redis, chunk: int = 200) -> int:
-        while True:
-            items: Any = r.xrange(keys.READINGS, min=self._next, max="+", count=chunk)
-            for _entry_id, fields in items:
-                self.total += len(orjson.loads(fields.get(b"payload", b'{"readings": []}'))["readings"])
-            if items:
-                ms, seq = items[-1][0].decode().split("-")
-                self._next = f"{ms}-{int(seq) + 1}"
-            if len(items) < chunk:
-                return self.total
+    def update(self, r: redis.Redis) -> int:
+        entries = read_stream(r, keys.READINGS, chunk=200, start=self._next)
+        for _entry_id, payload in entries:
+            self.total += len(orjson.loads(payload or b'{"readings": []}')["readings"])
+        if entries:
+            ms, seq = entries[-1][0].split("-")
+            self._next = f"{ms}-{int(seq) + 1}"
+        return self.total
 
 
 def wait_drained(r: redis.Redis, acked: int, timeout_s: float, tally: StoredTally | None = None) -> bool:

@@ -11,4 +11,7 @@ COPY retention retention
 COPY simulators simulators
 COPY waterdoctor waterdoctor
 RUN uv sync --frozen --no-dev && ln -s /app/.venv/bin/waterdoctor /usr/local/bin/waterdoctor
+# The analytics kernels (numba) compile once here; the crews run as nobody, who can read and extend this cache.
+ENV NUMBA_CACHE_DIR=/app/.numba-cache
+RUN /app/.venv/bin/python -c "import analytics._jit" && chmod -R a+rwX /app/.numba-cache
 USER nobody

@@ -44,6 +44,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
+from analytics._jit import accept_if_normal, stuck_runs
 from analytics.model import SensorModel, ewma_baselines, forward_fill, median_baselines
 
 __all__ = [
@@ -347,22 +348,7 @@ class SensorDetector:
 
     def _stuck_runs(self, values: F64) -> NDArray[np.int64]:
         """Run length of identical values per row and column, continuing the stored runs; updates them."""
-        last, run = self._last, self._run
-        if values.shape[0] == 1:
-            v = values[0]
-            present = v == v  # not NaN
-            run = np.where(present, np.where(v == last, run + 1, 1), run)
-            self._last, self._run = np.where(present, v, last), run
-            return run[None, :]
-        runs = np.zeros(values.shape, dtype=np.int64)
-        for i in range(values.shape[0]):
-            v = values[i]
-            present = ~np.isnan(v)
-            same = present & (v == last)
-            run = np.where(same, run + 1, np.where(present, 1, run))
-            last = np.where(present, v, last)
-            runs[i] = run
-        self._last, self._run = last, run
+        runs: NDArray[np.int64] = stuck_runs(values, self._last, self._run)
         return runs
 
     def _process_fresh(
@@ -498,38 +484,23 @@ class SensorDetector:
     def _one_is_normal(self, row: F64, runs: NDArray[np.int64], model: SensorModel) -> bool:
         """Fast path for a lone reading: score it and, if it is normal, accept it. False: use the general path.
 
-        Gives exactly the general path's result (same baseline, same score); it only skips the bookkeeping that
-        batches, missing values, pending rules and slow features need.
+        Gives exactly the general path's result (same baseline, same score) in one compiled call
+        (:func:`analytics._jit.accept_if_normal`); it only skips the bookkeeping that batches, missing values,
+        pending rules and slow features need.
         """
         h = model.baseline_window
-        if self._return_pending is not None or model.slow_alpha > 0 or h > self._hist.shape[0]:
+        if self._return_pending is not None or h > self._hist.shape[0]:
             return False
-        mcols = self._model_cols
-        x = row.take(mcols)
-        hist = self._hist[-h:].take(mcols, axis=1)
-        if np.isnan(x.sum() + hist[-1].sum()):  # a missing value, here or in the baseline
+        args = model.lone_args_
+        if args is None or not accept_if_normal(
+            row, runs, self._model_cols, self._hist, h, *args, self._buffer, self._buf_pos
+        ):
             return False
-        stuck = runs.take(mcols) >= model.stuck_limit_
-        if stuck.any() and (stuck & (x != model.saturated_lo_) & (x != model.saturated_hi_)).any():
-            return False
-        base = np.partition(hist, h // 2, axis=0)[h // 2] if h % 2 else np.median(hist, axis=0)
-        if model.score_row((x - base) / model.fast_scale_) >= model.threshold_:
-            return False
-        # Accept: ring buffer, then shift the baseline history by one row (forward-filling missing metrics).
         cap = self.config.window
-        self._buffer[self._buf_pos] = row
         self._buf_pos = (self._buf_pos + 1) % cap
         self._buf_len = min(cap, self._buf_len + 1)
         self._accepted_since_fit += 1
         self._record_levels(1)
-        last = self._hist[-1]
-        missing = row != row  # NaN
-        never = (last != last) & ~missing  # a metric's first value: it fills the whole history
-        new = np.where(missing, last, row) if missing.any() else row
-        self._hist[:-1] = self._hist[1:]
-        self._hist[-1] = new
-        if never.any():
-            self._hist[:, never] = row[never]
         self.consecutive_flags = 0
         return True
 

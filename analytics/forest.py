@@ -2,8 +2,9 @@
 
 scikit-learn pays several milliseconds of fixed overhead per ``score_samples`` call (input validation, joblib, one
 ``tree.apply`` per estimator), so scoring one reading per call caps an analytics process at a few hundred readings/s.
-:class:`CompiledForest` flattens the fitted trees into a handful of numpy arrays once, then walks *all* trees of
-*all* rows together: one gather per depth level over an ``[n_rows, n_trees]`` matrix of node positions.
+:class:`CompiledForest` flattens the fitted trees into a handful of numpy arrays once; compiled loops
+(:mod:`analytics._jit`, numba) then walk each row down every tree, ~1.7 us per row for 100 trees at depth 8 when
+the forest is in cache and ~10 us when it is not (the usual case: one forest per sensor).
 
 Score sign (the one used everywhere in :mod:`analytics`): :meth:`CompiledForest.score` returns the anomaly score
 of the original paper (Liu et al. 2008), ``s(x) = 2 ** (-E[h(x)] / c(max_samples))`` in ``(0, 1]``, which is exactly
@@ -33,15 +34,14 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from analytics._jit import complete_path_sums, sparse_path_sums
+
 __all__ = ["CompiledForest", "average_path_length"]
 
 logger = logging.getLogger(__name__)
 
 Layout = Literal["complete", "sparse"]
 
-#: Rows per block when scoring large batches: keeps the ``[rows, trees]`` work arrays in L2 cache (measured best
-#: between 1024 and 2048 rows on the 2-core EPYC dev box, see benchmarks/RESULTS.md).
-DEFAULT_CHUNK_ROWS = 1024
 #: Above this many leaf slots (``n_trees * 2**depth``) the padded layout costs more memory than it saves time.
 DEFAULT_COMPLETE_BUDGET = 1 << 21
 
@@ -102,7 +102,6 @@ class CompiledForest:
         leaf_value: NDArray[np.float64],
         base: NDArray[np.intp] | None = None,
         roots: NDArray[np.intp] | None = None,
-        chunk_rows: int = DEFAULT_CHUNK_ROWS,
     ) -> None:
         """Low-level constructor; prefer :meth:`from_sklearn` / :meth:`from_arrays`.
 
@@ -118,7 +117,6 @@ class CompiledForest:
         self.n_estimators = int(n_estimators)
         self.depth = int(depth)
         self.max_samples = int(max_samples)
-        self.chunk_rows = max(1, int(chunk_rows))
         feature = np.asarray(feature)
         if feature.size and (int(feature.min()) < 0 or int(feature.max()) >= self.n_features_in):
             raise ValueError("feature index out of range")
@@ -136,10 +134,6 @@ class CompiledForest:
             expected_internal = t * ((1 << self.depth) - 1)
             if self._feature.shape != (expected_internal,) or self._leaf_value.shape != (t << self.depth,):
                 raise ValueError("complete layout arrays do not match n_estimators and depth")
-            self._levels: list[tuple[NDArray[Any], NDArray[np.float32], NDArray[np.bool_]]] = []
-            for d in range(self.depth):
-                lo, hi = t * ((1 << d) - 1), t * ((1 << (d + 1)) - 1)
-                self._levels.append((self._feature[lo:hi], self._threshold[lo:hi], self._nan_right[lo:hi]))
             self._base = None
             self._roots = np.arange(t, dtype=np.intp)
         else:
@@ -166,7 +160,6 @@ class CompiledForest:
         *,
         layout: Literal["auto", "complete", "sparse"] = "auto",
         complete_budget: int = DEFAULT_COMPLETE_BUDGET,
-        chunk_rows: int = DEFAULT_CHUNK_ROWS,
     ) -> CompiledForest:
         """Compile a fitted ``IsolationForest`` (dense input; any ``max_features``/``bootstrap``/``max_samples``).
 
@@ -201,12 +194,12 @@ class CompiledForest:
             "depth": depth,
             "max_samples": int(estimator.max_samples_),
         }
-        return cls.from_arrays(arrays, meta, chunk_rows=chunk_rows)
+        return cls.from_arrays(arrays, meta)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickle the flat arrays once: the per-level arrays are views into them and would be copied separately.
         arrays, meta = self.to_arrays()
-        return (_from_arrays, (arrays, meta, self.chunk_rows))
+        return (_from_arrays, (arrays, meta))
 
     def to_arrays(self) -> tuple[dict[str, NDArray[Any]], dict[str, Any]]:
         """``(arrays, meta)`` for persistence: plain numeric arrays and a JSON-able dict; see :meth:`from_arrays`."""
@@ -230,9 +223,7 @@ class CompiledForest:
         return arrays, meta
 
     @classmethod
-    def from_arrays(
-        cls, arrays: dict[str, NDArray[Any]], meta: dict[str, Any], *, chunk_rows: int = DEFAULT_CHUNK_ROWS
-    ) -> CompiledForest:
+    def from_arrays(cls, arrays: dict[str, NDArray[Any]], meta: dict[str, Any]) -> CompiledForest:
         """Rebuild from :meth:`to_arrays` output (validates shapes and feature indices)."""
         return cls(
             layout=meta["layout"],
@@ -246,7 +237,6 @@ class CompiledForest:
             leaf_value=arrays["leaf_value"],
             base=arrays.get("base"),
             roots=arrays.get("roots"),
-            chunk_rows=chunk_rows,
         )
 
     # ------------------------------------------------------------------ scoring
@@ -254,23 +244,12 @@ class CompiledForest:
     def score(self, X: ArrayLike) -> NDArray[np.float64]:
         """Anomaly scores of the rows of ``X`` (shape ``(n, n_features_in)``): ``-score_samples``, higher = worse.
 
-        Picks the fastest path: a vector walk for one row, one block for small batches, blocks of ``chunk_rows``
-        for large ones; rows containing NaN take a slower walk that honours sklearn's ``missing_go_to_left``.
+        One compiled walk per row and tree (:mod:`analytics._jit`); it releases the GIL while it runs.
         """
         x32 = self._as_float32(X)
-        n = x32.shape[0]
-        if n == 0:
+        if x32.shape[0] == 0:
             return np.empty(0, dtype=np.float64)
-        has_nan = bool(np.isnan(x32).any())
-        if n == 1 and not has_nan:
-            total = np.array([self._path_sum_one(x32[0])])
-        else:
-            total = np.empty(n, dtype=np.float64)
-            for start in range(0, n, self.chunk_rows):
-                stop = min(n, start + self.chunk_rows)
-                block = x32[start:stop]
-                total[start:stop] = self._path_sum_block(block, bool(has_nan and np.isnan(block).any()))
-        return self._to_score(total)
+        return self._to_score(self._path_sums(x32))
 
     def score_one(self, row: ArrayLike) -> float:
         """Anomaly score of a single row (1-D, ``n_features_in`` values); same value as ``score([row])[0]``."""
@@ -279,13 +258,28 @@ class CompiledForest:
 
     def score_row(self, row: NDArray[np.float64]) -> float:
         """Lean single-row score for callers that already hold a 1-D float array of the right length."""
-        with np.errstate(over="ignore"):
-            x32 = row.astype(np.float32)
-        if np.isnan(x32.sum()):
-            return float(self.score(x32[None, :])[0])
         if self._denominator == 0.0:
             return 0.5
-        return float(2.0 ** -(self._path_sum_one(x32) / self._denominator))
+        with np.errstate(over="ignore"):
+            x32 = row.astype(np.float32).reshape(1, -1)
+        return float(2.0 ** -(self._path_sums(x32)[0] / self._denominator))
+
+    def complete_arrays(
+        self,
+    ) -> tuple[NDArray[Any], NDArray[np.float32], NDArray[np.bool_], NDArray[np.float64], int, int, float]:
+        """``(feature, threshold, nan_right, leaf_value, n_trees, depth, denominator)`` of a complete layout, for
+        compiled callers that walk it themselves (:func:`analytics._jit.accept_if_normal`)."""
+        if self.layout != "complete":
+            raise ValueError("only the complete layout")
+        return (
+            self._feature,
+            self._threshold,
+            self._nan_right,
+            self._leaf_value,
+            self.n_estimators,
+            self.depth,
+            float(self._denominator),
+        )
 
     def _as_float32(self, X: ArrayLike) -> NDArray[np.float32]:
         arr = np.asarray(X)
@@ -303,74 +297,29 @@ class CompiledForest:
         out: NDArray[np.float64] = np.power(2.0, -(total / self._denominator))
         return out
 
-    def _path_sum_one(self, x: NDArray[np.float32]) -> float:
-        """One row, no NaN: vectors of length n_trees, a few numpy calls per level (~20 us for 100 trees).
-
-        ``a.take(i)`` rather than ``a[i]``: the same gather with a third less call overhead on small arrays.
-        """
+    def _path_sums(self, x32: NDArray[np.float32]) -> NDArray[np.float64]:
+        """Per row of a C-contiguous float32 matrix: the sum over trees of the leaf contributions."""
         if self.layout == "complete":
-            idx = self._roots.copy()
-            for feature, threshold, _ in self._levels:
-                right = x.take(feature.take(idx)) > threshold.take(idx)
-                idx <<= 1
-                idx += right
-            return float(self._leaf_value.take(idx).sum())
+            return complete_path_sums(
+                x32,
+                self._feature,
+                self._threshold,
+                self._nan_right,
+                self._leaf_value,
+                self.n_estimators,
+                self.depth,
+            )
         assert self._base is not None
-        base, feat, thr = self._base, self._feature, self._threshold
-        idx = self._roots.copy()
-        for _ in range(self.depth):
-            idx = base.take(idx) + (x.take(feat.take(idx)) > thr.take(idx))
-        return float(self._leaf_value.take(idx).sum())
-
-    def _path_sum_block(self, block: NDArray[np.float32], has_nan: bool) -> NDArray[np.float64]:
-        """Sum over trees of the leaf contributions for each row of a block (rows x trees work arrays)."""
-        k, t = block.shape[0], self.n_estimators
-        flat = block.ravel()
-        row_base = (np.arange(k, dtype=np.intp) * self.n_features_in)[:, None]
-        pos = np.empty((k, t), dtype=np.intp)
-        cols = np.empty((k, t), dtype=np.intp)
-        feat = np.empty((k, t), dtype=self._feature.dtype)
-        vals = np.empty((k, t), dtype=np.float32)
-        thr = np.empty((k, t), dtype=np.float32)
-        right = np.empty((k, t), dtype=np.bool_)
-        # mode="wrap" skips numpy's bounds-error bookkeeping (about 25% faster); indices are in range by
-        # construction (validated in __init__), so wrapping never happens.
-        if self.layout == "complete":
-            pos[:] = self._roots
-            for d, (feature, threshold, nan_right) in enumerate(self._levels):
-                if d == 0:
-                    np.add(row_base, feature, out=cols)
-                    np.take(flat, cols, out=vals, mode="wrap")
-                    np.greater(vals, threshold, out=right)
-                    if has_nan:
-                        right |= np.isnan(vals) & nan_right
-                else:
-                    np.take(feature, pos, out=feat, mode="wrap")
-                    np.add(feat, row_base, out=cols)
-                    np.take(flat, cols, out=vals, mode="wrap")
-                    np.take(threshold, pos, out=thr, mode="wrap")
-                    np.greater(vals, thr, out=right)
-                    if has_nan:
-                        right |= np.isnan(vals) & np.take(nan_right, pos, mode="wrap")
-                pos <<= 1
-                pos += right
-        else:
-            assert self._base is not None
-            pos[:] = self._roots
-            child = np.empty((k, t), dtype=np.intp)
-            for _ in range(self.depth):
-                np.take(self._feature, pos, out=feat, mode="wrap")
-                np.add(feat, row_base, out=cols)
-                np.take(flat, cols, out=vals, mode="wrap")
-                np.take(self._threshold, pos, out=thr, mode="wrap")
-                np.greater(vals, thr, out=right)
-                if has_nan:
-                    right |= np.isnan(vals) & np.take(self._nan_right, pos, mode="wrap")
-                np.take(self._base, pos, out=child, mode="wrap")
-                np.add(child, right, out=pos)
-        leaf = np.take(self._leaf_value, pos, mode="wrap")
-        sums: NDArray[np.float64] = leaf.sum(axis=1)
-        return sums
+        return sparse_path_sums(
+            x32,
+            self._feature,
+            self._threshold,
+            self._nan_right,
+            self._leaf_value,
+            self._base,
+            self._roots,
+            self.depth,
+        )
 
 
 # ---------------------------------------------------------------------- compilers
@@ -396,8 +345,8 @@ def _leaf_contributions(tree: Any) -> NDArray[np.float64]:
     return contribution
 
 
-def _from_arrays(arrays: dict[str, NDArray[Any]], meta: dict[str, Any], chunk_rows: int) -> CompiledForest:
-    return CompiledForest.from_arrays(arrays, meta, chunk_rows=chunk_rows)
+def _from_arrays(arrays: dict[str, NDArray[Any]], meta: dict[str, Any]) -> CompiledForest:
+    return CompiledForest.from_arrays(arrays, meta)
 
 
 def _compile_complete(

@@ -65,6 +65,11 @@ _MAGIC = "waterdoctor.sensor-model"
 Direction = Literal["high", "low"]
 Severity = Literal["warning", "critical"]
 F64 = NDArray[np.float64]
+#: :attr:`SensorModel.lone_args_`: limits, then the forest's complete arrays (feature, threshold, nan_right,
+#: leaf_value, n_trees, depth, denominator), then ``envelope_scale`` and ``threshold_``.
+LoneArgs = tuple[
+    F64, NDArray[Any], NDArray[np.float32], NDArray[np.bool_], F64, int, int, float, float, float
+]
 
 
 class ModelFormatError(ValueError):
@@ -521,6 +526,45 @@ class SensorModel:
             cached = self.__dict__["_stuck_limit"] = (self.stuck_run_, limit)
         out: NDArray[np.int64] = cached[1]
         return out
+
+    @property
+    def lone_args_(self) -> LoneArgs | None:
+        """What :func:`analytics._jit.accept_if_normal` needs after the per-reading arguments, or None when this
+        model cannot use it (drift features on, or a forest too deep for the complete layout).
+
+        Computed once per fit (keyed on ``forest_``): per metric, the stuck run length, the saturation floor and
+        ceiling, the residual scale and the training envelope with its guard; then the forest's arrays.
+        """
+        cached = self.__dict__.get("_lone_args")
+        if cached is not None and cached[0] is self.forest_:
+            out: LoneArgs | None = cached[1]
+            return out
+        forest = self.forest_
+        args: LoneArgs | None = None
+        if self.slow_alpha == 0 and forest.layout == "complete":
+            k = len(self.metrics_)
+            g = self.envelope_guard
+            limits = np.ascontiguousarray(
+                np.vstack(
+                    [
+                        self.stuck_limit_.astype(np.float64),
+                        self.saturated_lo_,
+                        self.saturated_hi_,
+                        self.fast_scale_,
+                        self.feature_lo_[:k] - g,
+                        self.feature_hi_[:k] + g,
+                    ]
+                ),
+                dtype=np.float64,
+            )
+            args = (
+                limits,
+                *forest.complete_arrays(),
+                float(self.envelope_scale),
+                float(self.threshold_),
+            )
+        self.__dict__["_lone_args"] = (forest, args)
+        return args
 
     def envelope_excess(self, z: F64) -> F64:
         """Per feature: how many spreads beyond ``training extreme + envelope_guard`` (0 inside); shape of ``z``."""

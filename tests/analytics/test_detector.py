@@ -182,6 +182,7 @@ def test_batch_and_one_by_one_processing_agree() -> None:
     for i in range(150, 170):  # a level shift
         tail[i]["metrics"]["turbidity_ntu"] = 0.6
     results = []
+    states = []
     for batch_size in (1, 7, 300):
         bank = DetectorBank(config())
         bank.process(warm)
@@ -190,7 +191,14 @@ def test_batch_and_one_by_one_processing_agree() -> None:
         for k in range(0, len(tail), batch_size):
             got += bank.process(tail[k : k + batch_size])
         results.append([(a["seq"], a["rule"], a["score"]) for a in got])
+        det = bank.sensor(s.site, s.sensor_id)
+        states.append((det._hist.copy(), det._buffer.copy(), det._last.copy(), det._run.copy(), det._buf_pos))
     assert results[0] == results[1] == results[2]
+    # One at a time takes the compiled lone-reading path; batches take the general one: same baselines, same
+    # training window, same stuck-run state.
+    for other in states[1:]:
+        for a, b in zip(states[0], other, strict=True):
+            np.testing.assert_array_equal(a, b)
     seqs = {seq for seq, _, _ in results[0]}
     assert {tail[i]["seq"] for i in (30, 31, 32, 90, 200)} <= seqs
     assert {tail[i]["seq"] for i in range(150, 170)} <= seqs, "a level shift alerts while it lasts"

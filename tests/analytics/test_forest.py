@@ -166,10 +166,10 @@ def test_warm_start_grown_forest() -> None:
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("n", [1, 2, 63, 64, 65, 127, 128, 129, 300])
-def test_chunk_boundaries(layout: str, n: int) -> None:
+def test_batch_sizes(layout: str, n: int) -> None:
     X_train = gaussian(400, 3, seed=11)
     est = IsolationForest(n_estimators=16, random_state=11).fit(X_train)
-    forest = CompiledForest.from_sklearn(est, layout=layout, chunk_rows=64)
+    forest = CompiledForest.from_sklearn(est, layout=layout)
     X = gaussian(n, 3, seed=n) * 2
     X[::5, 2] = np.nan
     np.testing.assert_allclose(forest.score(X), reference(est, X), rtol=0, atol=TOL)
@@ -274,6 +274,6 @@ def test_property_equals_sklearn(
         hnp.arrays(np.float64, st.tuples(st.integers(1, 40), st.just(n_features)), elements=finite_or_special)
     )
     X = np.vstack([X, X_train[:5]])
-    forest = CompiledForest.from_sklearn(est, layout=layout, chunk_rows=16)
+    forest = CompiledForest.from_sklearn(est, layout=layout)
     np.testing.assert_allclose(forest.score(X), reference(est, X), rtol=0, atol=TOL)
     assert abs(forest.score_one(X[0]) - reference(est, X[:1])[0]) <= TOL

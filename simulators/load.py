@@ -239,8 +239,8 @@ def build_report(
     anomalies = [a for a in all_anomalies if (a["site"], a["sensor_id"], a["seq"]) in sent_keys]
     detected_ids: Counter[str] = Counter(a["alert_id"] for a in anomalies)
     latencies = []
-    # (latency, alert id, rule, ms after the run's first publish) of every anomaly, for the five slowest
-    slowest: list[tuple[float, str, str, float]] = []
+    # (latency, alert id, rule, ms after the run's first publish, stages) of every anomaly, for the five slowest
+    slowest: list[tuple[float, str, str, float, tuple[float, ...]]] = []
     t0 = min((publish_ms[k] for k in sent_keys if k in publish_ms), default=0.0)
     stages: dict[str, list[float]] = {"stored": [], "scoring": [], "pubsub": []}
     detected_labels: Counter[str] = Counter()
@@ -258,14 +258,19 @@ def build_report(
         t_arr = arrivals.get(a["alert_id"], a["detected_ms"])
         if t_pub is not None:
             latencies.append(max(0.0, t_arr - t_pub))
-            slowest.append((t_arr - t_pub, a["alert_id"], a.get("rule", "?"), t_pub - t0))
             # Where the time went: publish -> stored (the reading's entry id is the server's clock at the XADD),
             # stored -> its scoring batch started (``detected_ms``), and batch start -> arrival on Pub/Sub.
             stored_ms = _entry_ms(a.get("reading_entry_id"))
+            split: tuple[float, ...] = ()
             if stored_ms is not None and "detected_ms" in a and a["alert_id"] in arrivals:
-                stages["stored"].append(stored_ms - t_pub)
-                stages["scoring"].append(a["detected_ms"] - stored_ms)
-                stages["pubsub"].append(arrivals[a["alert_id"]] - a["detected_ms"])
+                split = (
+                    stored_ms - t_pub,
+                    a["detected_ms"] - stored_ms,
+                    arrivals[a["alert_id"]] - a["detected_ms"],
+                )
+                for name, ms in zip(stages, split, strict=True):
+                    stages[name].append(ms)
+            slowest.append((t_arr - t_pub, a["alert_id"], a.get("rule", "?"), t_pub - t0, split))
     injected = Counter(labels[k] for k in sent_keys if k in labels)
     per_class = {}
     for cls in ANOMALY_CLASSES:
@@ -301,8 +306,11 @@ def build_report(
         },
         # The five slowest anomalies: where a tail comes from (a rule, a moment of the run).
         "slowest": [
-            {"ms": round(ms), "alert_id": aid, "rule": rule, "at_s": round(at / 1000, 1)}
-            for ms, aid, rule, at in sorted(slowest, reverse=True)[:5]
+            {
+                "ms": round(ms), "alert_id": aid, "rule": rule, "at_s": round(at / 1000, 1),
+                "stages_ms": dict(zip(stages, (round(x) for x in split), strict=True)) if split else None,
+            }
+            for ms, aid, rule, at, split in sorted(slowest, reverse=True)[:5]
         ],
         "stored_ms": {
             "p50": percentile(store_delays, 0.50),

@@ -25,7 +25,15 @@ import numpy as np
 from numba import njit
 from numpy.typing import NDArray
 
-__all__ = ["accept_if_normal", "complete_path_sums", "sparse_path_sums", "stuck_runs"]
+__all__ = [
+    "accept_if_normal",
+    "complete_path_sums",
+    "median_before",
+    "push_row",
+    "segment_scores",
+    "sparse_path_sums",
+    "stuck_runs",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +147,112 @@ def stuck_runs(
     return out
 
 
+@_compiled("void(f8[:, :], f8[:])")
+def push_row(hist: NDArray[np.float64], row: NDArray[np.float64]) -> None:  # pragma: no cover - compiled
+    """Append ``row`` to a baseline history in place, dropping its oldest row: a missing (NaN) metric repeats its
+    last value, and a metric's first value fills its whole column."""
+    n_hist = hist.shape[0]
+    for c in range(row.shape[0]):
+        v = row[c]
+        last = hist[n_hist - 1, c]
+        if v != v:
+            v = last
+        for i in range(n_hist - 1):
+            hist[i, c] = hist[i + 1, c]
+        hist[n_hist - 1, c] = v
+        if last != last and v == v:
+            for i in range(n_hist - 1):
+                hist[i, c] = v
+
+
+@_compiled("f8[:, :](f8[:, :], f8[:, :])")
+def median_before(
+    values: NDArray[np.float64], history: NDArray[np.float64]
+) -> NDArray[np.float64]:  # pragma: no cover - compiled; exercised through median_baselines
+    """Per row of ``values`` and column, the median of the ``h`` rows before it in ``history`` then ``values``
+    (``h`` = rows of ``history``); no NaN anywhere. The mean of the two middle values when ``h`` is even."""
+    n, k = values.shape
+    h = history.shape[0]
+    out = np.empty((n, k), dtype=np.float64)
+    window = np.empty(h, dtype=np.float64)
+    mid = h // 2
+    for c in range(k):
+        for i in range(n):
+            for q in range(h):  # insertion sort of the window: h is a handful
+                r = i + q
+                v = history[r, c] if r < h else values[r - h, c]
+                j = q
+                while j > 0 and window[j - 1] > v:
+                    window[j] = window[j - 1]
+                    j -= 1
+                window[j] = v
+            out[i, c] = window[mid] if h % 2 else (window[mid - 1] + window[mid]) / 2.0
+    return out
+
+
+@_compiled(
+    _signatures(
+        "Tuple((f8[:, :], f8[:, :], f8[:]))(f8[:, :], f8[:, :], f8[:, :], {f}[:], f4[:], b1[:], f8[:], i8, i8, f8, f8)"
+    )
+)
+def segment_scores(
+    values: NDArray[np.float64],
+    history: NDArray[np.float64],
+    limits: NDArray[np.float64],
+    feature: NDArray[Any],
+    threshold: NDArray[np.float32],
+    nan_right: NDArray[np.bool_],
+    leaf_value: NDArray[np.float64],
+    n_trees: int,
+    depth: int,
+    denominator: float,
+    envelope_scale: float,
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:  # pragma: no cover - compiled
+    """Baselines, features and scores of a run of a sensor's readings as if each were accepted (the detector's
+    general path, for models with fast features only): ``(fast_base, Z, scores)``.
+
+    ``values``: the model metrics of the run (NaN = missing: forward-filled for the baselines, residual 0);
+    ``history``: the ``h`` accepted rows before it (NaN = a metric never accepted: it starts at its first value
+    here); ``limits``: as for :func:`accept_if_normal`.
+    """
+    n, k = values.shape
+    h = history.shape[0]
+    filled = np.empty((n, k), dtype=np.float64)
+    for c in range(k):
+        prev = history[h - 1, c]
+        if prev != prev:
+            prev = limits[6, c]
+        for i in range(n):
+            v = values[i, c]
+            if v != v:
+                v = prev
+            filled[i, c] = v
+            prev = v
+    start = np.empty((h, k), dtype=np.float64)
+    for q in range(h):
+        for c in range(k):
+            v = history[q, c]
+            start[q, c] = filled[0, c] if v != v else v
+    base = median_before(filled, start)
+    Z = np.empty((n, k), dtype=np.float64)
+    z32 = np.empty((n, k), dtype=np.float32)
+    excess = np.zeros(n, dtype=np.float64)
+    for i in range(n):
+        for c in range(k):
+            z = (values[i, c] - base[i, c]) / limits[3, c]
+            if z != z:
+                z = 0.0
+            Z[i, c] = z
+            z32[i, c] = z
+            excess[i] = max(excess[i], z - limits[5, c], limits[4, c] - z)
+    scores = np.empty(n, dtype=np.float64)
+    sums = complete_path_sums(z32, feature, threshold, nan_right, leaf_value, n_trees, depth)
+    for i in range(n):
+        s = 0.5 if denominator == 0.0 else 2.0 ** -(sums[i] / denominator)
+        scores[i] = s + (1.0 - s) * -math.expm1(-excess[i] / envelope_scale)
+    return base, Z, scores
+
+
 @_compiled(
     _signatures(
         "b1(f8[:], i8[:], intp[:], f8[:, :], i8, f8[:, :], {f}[:], f4[:], b1[:], f8[:], i8, i8, f8, f8, f8, f4[:, :], i8)"
@@ -168,7 +282,8 @@ def accept_if_normal(
 
     False, with nothing changed, when it needs the general path: a missing value here or in the baseline, a stuck
     metric, or a score at or over ``score_threshold``. ``limits`` rows, per model metric: stuck run length,
-    saturation floor, saturation ceiling, residual scale, training low - guard, training high + guard.
+    saturation floor, saturation ceiling, residual scale, training low - guard, training high + guard, training
+    median (see ``SensorModel.compiled_args_``).
     """
     k = cols.shape[0]
     n_hist = hist.shape[0]
@@ -209,20 +324,8 @@ def accept_if_normal(
         score = score + (1.0 - score) * -math.expm1(-over / envelope_scale)
     if score >= score_threshold:
         return False
-    # Accept: ring buffer, then the baseline history moves up one row (a missing metric keeps its last value; a
-    # metric's first value fills its whole history).
-    w = row.shape[0]
-    for c in range(w):
+    # Accept: ring buffer, then the baseline history moves up one row.
+    for c in range(row.shape[0]):
         buffer[buf_pos, c] = row[c]
-    for c in range(w):
-        v = row[c]
-        last = hist[n_hist - 1, c]
-        if v != v:
-            v = last
-        for i in range(n_hist - 1):
-            hist[i, c] = hist[i + 1, c]
-        hist[n_hist - 1, c] = v
-        if last != last and v == v:
-            for i in range(n_hist - 1):
-                hist[i, c] = v
+    push_row(hist, row)
     return True

@@ -44,7 +44,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from analytics._jit import accept_if_normal, stuck_runs
+from analytics._jit import accept_if_normal, push_row, segment_scores, stuck_runs
 from analytics.model import SensorModel, ewma_baselines, forward_fill, median_baselines
 
 __all__ = [
@@ -95,7 +95,7 @@ class DetectorConfig:
         model_params: keyword arguments for :class:`~analytics.model.SensorModel` (``random_state`` included).
         hard_limits: metric -> (low, high) physical limits (see :data:`HARD_LIMITS`).
         max_replay: longest run of readings scored in one call after a flagged reading (bounds re-scoring work
-            when a fault spans a large backlog batch).
+            when a fault spans a large backlog batch); flags close together shorten it to twice their spacing.
         gap_factor: a reading more than this many typical intervals after the previous one (the sensor was
             silent) restarts the baseline at its own values: demand and weather move in 15 minutes, so a jump
             across a gap is no evidence of a fault.
@@ -387,9 +387,11 @@ class SensorDetector:
             & (mvals != model.saturated_hi_)
         )
         alpha_s = model.slow_alpha
+        cargs = model.compiled_args_
         m = len(rows)
         start = 0
         horizon = m
+        last_flag: int | None = None  # row of the previous flagged reading in this call
         while start < m:
             if self._return_pending is not None:
                 self._check_return(mvals[start], model)
@@ -401,18 +403,21 @@ class SensorDetector:
             # Baselines for the segment as if every reading in it were accepted; cut at the first flagged one.
             # A missing value is forward-filled for the baselines and scores as no evidence (residual 0).
             hist = self._model_history()
-            last = hist[-1]
-            filled = forward_fill(mvals[seg], np.where(np.isnan(last), model.center_, last))
-            # A metric never accepted before starts from its first value here (a zero residual, no evidence).
-            fast_b, _ = median_baselines(filled, np.where(np.isnan(hist), filled[0], hist))
-            slow_b = None
-            if alpha_s > 0:
-                base_slow = self._slow[mcols]
-                slow_b, _ = ewma_baselines(
-                    filled, alpha_s, np.where(np.isnan(base_slow), filled[0], base_slow)
-                )
-            Z = model.features(mvals[seg], fast_b, slow_b)
-            scores = model.score_features(Z)
+            if cargs is not None:  # the same arithmetic as below, compiled
+                fast_b, Z, scores = segment_scores(mvals[seg], hist, *cargs[:-1])
+            else:
+                last = hist[-1]
+                filled = forward_fill(mvals[seg], np.where(np.isnan(last), model.center_, last))
+                # A metric never accepted before starts from its first value here (a zero residual, no evidence).
+                fast_b, _ = median_baselines(filled, np.where(np.isnan(hist), filled[0], hist))
+                slow_b = None
+                if alpha_s > 0:
+                    base_slow = self._slow[mcols]
+                    slow_b, _ = ewma_baselines(
+                        filled, alpha_s, np.where(np.isnan(base_slow), filled[0], base_slow)
+                    )
+                Z = model.features(mvals[seg], fast_b, slow_b)
+                scores = model.score_features(Z)
             is_hard = np.array([bool(h) for h in hard[seg]], dtype=np.bool_)
             flagged = (scores >= model.threshold_) | is_hard | stuck[seg].any(axis=1)
             hits = np.flatnonzero(flagged)
@@ -447,7 +452,8 @@ class SensorDetector:
                 anomaly = self._anomaly(row, "stuck", float(scores[j]), model, "warning", expl)
             out.append((idx[i], anomaly))
             k = len(model.metrics_)
-            excess = model.envelope_excess(Z[j : j + 1])[0].reshape(-1, k).max(axis=0)
+            row_excess = model.envelope_excess(Z[j])
+            excess = row_excess.reshape(-1, k).max(axis=0)
             # Only the metrics the anomaly is about stay out of the baseline; the others keep following demand
             # and weather (a long fault on one metric must not freeze the rest and make them look like jumps).
             if hard[i]:
@@ -462,7 +468,7 @@ class SensorDetector:
             else:
                 implicated = [int(mcols[c]) for c in np.flatnonzero(stuck[i])]
             self._advance_baselines(values[i], implicated)
-            jumped = model.envelope_excess(Z[j : j + 1])[0, :k] > 0
+            jumped = row_excess[:k] > 0
             if anomaly["rule"] == "model" and jumped.any():
                 returning = model.is_recovery(mvals[i], fast_b[j], Z[j]) or self._back_to_recent_level(
                     mvals[i], fast_b[j], jumped
@@ -478,7 +484,12 @@ class SensorDetector:
                 self._rebaseline(mvals[i])
                 self.consecutive_flags = 0
             start = i + 1
-            horizon = self.config.max_replay
+            # Score about twice the distance between the last two flags next: a stuck sensor's backlog (a flag on
+            # every reading) then costs one or two rows of scoring per reading, not max_replay; isolated flags
+            # still get segments of max_replay rows.
+            spacing = i - last_flag if last_flag is not None else self.config.max_replay
+            horizon = min(self.config.max_replay, 2 * spacing)
+            last_flag = i
         return out
 
     def _one_is_normal(self, row: F64, runs: NDArray[np.int64], model: SensorModel) -> bool:
@@ -491,7 +502,7 @@ class SensorDetector:
         h = model.baseline_window
         if self._return_pending is not None or h > self._hist.shape[0]:
             return False
-        args = model.lone_args_
+        args = model.compiled_args_
         if args is None or not accept_if_normal(
             row, runs, self._model_cols, self._hist, h, *args, self._buffer, self._buf_pos
         ):
@@ -523,7 +534,10 @@ class SensorDetector:
             self._buf_pos = (self._buf_pos + n) % cap
             self._buf_len = min(cap, self._buf_len + n)
         self._accepted_since_fit += n
-        self._hist = _history_update(self._hist, values)
+        if n == 1:
+            push_row(self._hist, values[0])
+        else:
+            self._hist = _history_update(self._hist, values)
         self._record_levels(n)
         params = self.model.get_params() if self.model is not None else self.config.model_params
         alpha_s = float(params.get("slow_alpha", 0.0))
@@ -606,7 +620,7 @@ class SensorDetector:
         """Move the baselines with a flagged reading's uninvolved metrics (the ring buffer does not get it)."""
         partial = row.copy()
         partial[implicated] = np.nan  # forward-filled: those metrics keep their pre-anomaly baseline
-        self._hist = _history_update(self._hist, partial[None, :])
+        push_row(self._hist, partial)
         if self.model is not None and self.model.slow_alpha > 0:
             self._slow = _ewma_update(self._slow, partial[None, :], self.model.slow_alpha)
 

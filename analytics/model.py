@@ -42,6 +42,7 @@ from numpy.typing import ArrayLike, NDArray
 from scipy.signal import lfilter  # type: ignore[import-untyped]
 from sklearn.ensemble import IsolationForest
 
+from analytics._jit import median_before
 from analytics.forest import CompiledForest
 
 __all__ = [
@@ -65,9 +66,9 @@ _MAGIC = "waterdoctor.sensor-model"
 Direction = Literal["high", "low"]
 Severity = Literal["warning", "critical"]
 F64 = NDArray[np.float64]
-#: :attr:`SensorModel.lone_args_`: limits, then the forest's complete arrays (feature, threshold, nan_right,
+#: :attr:`SensorModel.compiled_args_`: limits, then the forest's complete arrays (feature, threshold, nan_right,
 #: leaf_value, n_trees, depth, denominator), then ``envelope_scale`` and ``threshold_``.
-LoneArgs = tuple[
+CompiledArgs = tuple[
     F64, NDArray[Any], NDArray[np.float32], NDArray[np.bool_], F64, int, int, float, float, float
 ]
 
@@ -137,18 +138,18 @@ def median_baselines(values: F64, history: F64) -> tuple[F64, F64]:
 
     ``history`` holds the ``h`` most recent accepted rows, oldest first; ``values`` must hold no NaN. A median
     rather than a mean so one bad reading that slipped into the history (say, a spike during warm-up) cannot
-    drag the baseline away and make every following reading look like a jump.
+    drag the baseline away and make every following reading look like a jump. Compiled
+    (:func:`analytics._jit.median_before`): the same values as ``np.median`` over each window.
     """
+    values = np.asarray(values, dtype=np.float64)
+    history = np.asarray(history, dtype=np.float64)
     n, k = values.shape
     h = history.shape[0]
-    stacked = np.concatenate([history, values], axis=0)
+    new_history = np.concatenate([history, values], axis=0)[-h:].copy()
     if n == 0:
-        return np.empty((0, k)), stacked[-h:].copy()
-    # Windows from h shifted views (cheaper than sliding_window_view for the few rows of a live batch).
-    windows = np.stack([stacked[i : i + n] for i in range(h)], axis=-1)  # (n, k, h)
-    mid = h // 2
-    before: F64 = np.partition(windows, mid, axis=-1)[..., mid] if h % 2 else np.median(windows, axis=-1)
-    return before, stacked[-h:].copy()
+        return np.empty((0, k)), new_history
+    before: F64 = median_before(values, history)
+    return before, new_history
 
 
 def forward_fill(values: F64, first: F64) -> F64:
@@ -528,19 +529,21 @@ class SensorModel:
         return out
 
     @property
-    def lone_args_(self) -> LoneArgs | None:
-        """What :func:`analytics._jit.accept_if_normal` needs after the per-reading arguments, or None when this
-        model cannot use it (drift features on, or a forest too deep for the complete layout).
+    def compiled_args_(self) -> CompiledArgs | None:
+        """The model as the compiled detector steps (:mod:`analytics._jit`: ``accept_if_normal``,
+        ``segment_scores``) take it, or None when they cannot use it (drift features on, or a forest too deep for
+        the complete layout): the detector then runs the same arithmetic in numpy.
 
         Computed once per fit (keyed on ``forest_``): per metric, the stuck run length, the saturation floor and
-        ceiling, the residual scale and the training envelope with its guard; then the forest's arrays.
+        ceiling, the residual scale, the training envelope with its guard and the training median; then the
+        forest's arrays, ``envelope_scale`` and ``threshold_``.
         """
-        cached = self.__dict__.get("_lone_args")
+        cached = self.__dict__.get("_compiled_args")
         if cached is not None and cached[0] is self.forest_:
-            out: LoneArgs | None = cached[1]
+            out: CompiledArgs | None = cached[1]
             return out
         forest = self.forest_
-        args: LoneArgs | None = None
+        args: CompiledArgs | None = None
         if self.slow_alpha == 0 and forest.layout == "complete":
             k = len(self.metrics_)
             g = self.envelope_guard
@@ -553,6 +556,7 @@ class SensorModel:
                         self.fast_scale_,
                         self.feature_lo_[:k] - g,
                         self.feature_hi_[:k] + g,
+                        self.center_,
                     ]
                 ),
                 dtype=np.float64,
@@ -563,7 +567,7 @@ class SensorModel:
                 float(self.envelope_scale),
                 float(self.threshold_),
             )
-        self.__dict__["_lone_args"] = (forest, args)
+        self.__dict__["_compiled_args"] = (forest, args)
         return args
 
     def envelope_excess(self, z: F64) -> F64:

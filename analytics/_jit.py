@@ -9,7 +9,8 @@ trees of the leaf contributions, summed tree by tree in tree order.
 Branching is sklearn's: ``x32 > threshold32`` goes right (thresholds are already rounded down to float32), and a
 NaN goes right exactly where ``nan_right`` says so (sklearn's ``missing_go_to_left``, negated).
 
-Every function has explicit signatures, so it is compiled (or loaded from numba's cache: ``__pycache__`` beside this
+Every function has explicit signatures (a forest's arrays and the rows it walks are C-contiguous, which the
+compiled loops rely on: ~20 % faster), so it is compiled (or loaded from numba's cache: ``__pycache__`` beside this
 file, else ``NUMBA_CACHE_DIR``) when this module is imported, never in the middle of a batch; an argument of another
 type is a TypeError, not a silent recompilation. First import on a machine: ~3 s; later ones ~0.1 s.
 """
@@ -54,12 +55,17 @@ def _compiled(signatures: str | list[str]) -> Callable[[_F], _F]:
     return wrap
 
 
+#: Rows walked together by the complete-layout walk (measured on the 2-core EPYC, 100 trees, depth 8: 8 rows
+#: give 252,000 rows/s in batches against 195,000 one row at a time).
+_ROWS = 8
+
+
 def _signatures(template: str) -> list[str]:
     """One signature per integer type a forest's ``feature`` array can have (see ``forest._index_dtype``)."""
     return [template.format(f=f) for f in ("u1", "u2", "u4")]
 
 
-@_compiled(_signatures("f8[:](f4[:, :], {f}[:], f4[:], b1[:], f8[:], i8, i8)"))
+@_compiled(_signatures("f8[:](f4[:, ::1], {f}[::1], f4[::1], b1[::1], f8[::1], i8, i8)"))
 def complete_path_sums(
     x: NDArray[np.float32],
     feature: NDArray[Any],
@@ -73,28 +79,32 @@ def complete_path_sums(
     at ``t * 2**d`` of them, so position ``p`` moves to ``2 p`` or ``2 p + 1`` of the next level."""
     n = x.shape[0]
     out = np.empty(n, dtype=np.float64)
-    pos = np.empty(n_trees, dtype=np.intp)
-    for r in range(n):
-        row = x[r]
+    pos = np.empty((n_trees, _ROWS), dtype=np.intp)
+    for r0 in range(0, n, _ROWS):
+        nb = min(_ROWS, n - r0)
         for t in range(n_trees):
-            pos[t] = t
-        # Level by level across all trees, not tree by tree: the loads of one level are independent, so the CPU
-        # overlaps their cache misses (a forest is ~350 KB and a crew holds one per sensor: most loads miss).
+            for b in range(nb):
+                pos[t, b] = t
+        # Level by level across all trees and a few rows, not tree by tree: the loads of one level are
+        # independent, so the CPU overlaps their cache misses (a forest is ~350 KB and a crew holds one per sensor:
+        # most loads of a lone reading miss), and rows of a batch share the cache lines of each tree's top levels.
         for d in range(depth):
             start = n_trees * ((1 << d) - 1)
             for t in range(n_trees):
-                slot = start + pos[t]
-                v = row[feature[slot]]
-                right = nan_right[slot] if v != v else v > threshold[slot]
-                pos[t] = 2 * pos[t] + (1 if right else 0)
-        total = 0.0
-        for t in range(n_trees):
-            total += leaf_value[pos[t]]
-        out[r] = total
+                for b in range(nb):
+                    slot = start + pos[t, b]
+                    v = x[r0 + b, feature[slot]]
+                    right = nan_right[slot] if v != v else v > threshold[slot]
+                    pos[t, b] = 2 * pos[t, b] + (1 if right else 0)
+        for b in range(nb):
+            total = 0.0
+            for t in range(n_trees):
+                total += leaf_value[pos[t, b]]
+            out[r0 + b] = total
     return out
 
 
-@_compiled(_signatures("f8[:](f4[:, :], {f}[:], f4[:], b1[:], f8[:], intp[:], intp[:], i8)"))
+@_compiled(_signatures("f8[:](f4[:, ::1], {f}[::1], f4[::1], b1[::1], f8[::1], intp[::1], intp[::1], i8)"))
 def sparse_path_sums(
     x: NDArray[np.float32],
     feature: NDArray[Any],
@@ -192,7 +202,7 @@ def median_before(
 
 @_compiled(
     _signatures(
-        "Tuple((f8[:, :], f8[:, :], f8[:]))(f8[:, :], f8[:, :], f8[:, :], {f}[:], f4[:], b1[:], f8[:], i8, i8, f8, f8)"
+        "Tuple((f8[:, :], f8[:, :], f8[:]))(f8[:, :], f8[:, :], f8[:, :], {f}[::1], f4[::1], b1[::1], f8[::1], i8, i8, f8, f8)"
     )
 )
 def segment_scores(
@@ -255,7 +265,7 @@ def segment_scores(
 
 @_compiled(
     _signatures(
-        "b1(f8[:], i8[:], intp[:], f8[:, :], i8, f8[:, :], {f}[:], f4[:], b1[:], f8[:], i8, i8, f8, f8, f8, f4[:, :], i8)"
+        "b1(f8[:], i8[:], intp[:], f8[:, :], i8, f8[:, :], {f}[::1], f4[::1], b1[::1], f8[::1], i8, i8, f8, f8, f8, f4[:, :], i8)"
     )
 )
 def accept_if_normal(

@@ -79,15 +79,33 @@ def complete_path_sums(
     at ``t * 2**d`` of them, so position ``p`` moves to ``2 p`` or ``2 p + 1`` of the next level."""
     n = x.shape[0]
     out = np.empty(n, dtype=np.float64)
+    # Level by level across all trees, not tree by tree: the loads of one level are independent, so the CPU
+    # overlaps their cache misses (a forest is ~350 KB and a crew holds one per sensor: most loads of a lone
+    # reading miss). Batches go _ROWS rows at a time, which also share the cache lines of each tree's top levels;
+    # a row alone keeps the plainer loop (measured: 9.5 against 12 us per row with a cold cache).
+    if n < _ROWS:
+        one = np.empty(n_trees, dtype=np.intp)
+        for r in range(n):
+            for t in range(n_trees):
+                one[t] = t
+            for d in range(depth):
+                start = n_trees * ((1 << d) - 1)
+                for t in range(n_trees):
+                    slot = start + one[t]
+                    v = x[r, feature[slot]]
+                    right = nan_right[slot] if v != v else v > threshold[slot]
+                    one[t] = 2 * one[t] + (1 if right else 0)
+            total = 0.0
+            for t in range(n_trees):
+                total += leaf_value[one[t]]
+            out[r] = total
+        return out
     pos = np.empty((n_trees, _ROWS), dtype=np.intp)
     for r0 in range(0, n, _ROWS):
         nb = min(_ROWS, n - r0)
         for t in range(n_trees):
             for b in range(nb):
                 pos[t, b] = t
-        # Level by level across all trees and a few rows, not tree by tree: the loads of one level are
-        # independent, so the CPU overlaps their cache misses (a forest is ~350 KB and a crew holds one per sensor:
-        # most loads of a lone reading miss), and rows of a batch share the cache lines of each tree's top levels.
         for d in range(depth):
             start = n_trees * ((1 << d) - 1)
             for t in range(n_trees):

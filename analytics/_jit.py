@@ -175,6 +175,24 @@ def stuck_runs(
     return out
 
 
+@njit(nogil=True)
+def _insert(window: NDArray[np.float64], count: int, v: float) -> None:  # pragma: no cover - compiled
+    """Insert ``v`` into the sorted ``window[:count]`` (insertion sort: a median window is a handful of values).
+    Compiled into its callers (no signature of its own)."""
+    j = count
+    while j > 0 and window[j - 1] > v:
+        window[j] = window[j - 1]
+        j -= 1
+    window[j] = v
+
+
+@njit(nogil=True)
+def _middle(window: NDArray[np.float64], h: int) -> float:  # pragma: no cover - compiled
+    """The median of the sorted ``window[:h]``: the mean of the two middle values when ``h`` is even."""
+    mid = h // 2
+    return float(window[mid]) if h % 2 else float((window[mid - 1] + window[mid]) / 2.0)
+
+
 @_compiled("void(f8[:, :], f8[:])")
 def push_row(hist: NDArray[np.float64], row: NDArray[np.float64]) -> None:  # pragma: no cover - compiled
     """Append ``row`` to a baseline history in place, dropping its oldest row: a missing (NaN) metric repeats its
@@ -203,18 +221,12 @@ def median_before(
     h = history.shape[0]
     out = np.empty((n, k), dtype=np.float64)
     window = np.empty(h, dtype=np.float64)
-    mid = h // 2
     for c in range(k):
         for i in range(n):
-            for q in range(h):  # insertion sort of the window: h is a handful
+            for q in range(h):
                 r = i + q
-                v = history[r, c] if r < h else values[r - h, c]
-                j = q
-                while j > 0 and window[j - 1] > v:
-                    window[j] = window[j - 1]
-                    j -= 1
-                window[j] = v
-            out[i, c] = window[mid] if h % 2 else (window[mid - 1] + window[mid]) / 2.0
+                _insert(window, q, history[r, c] if r < h else values[r - h, c])
+            out[i, c] = _middle(window, h)
     return out
 
 
@@ -324,22 +336,15 @@ def accept_if_normal(
         x = row[cols[c]]
         if runs[cols[c]] >= limits[0, c] and x != limits[1, c] and x != limits[2, c]:
             return False
-    # Residuals from the median of the last h accepted readings (insertion sort: h is a handful).
+    # Residuals from the median of the last h accepted readings.
     z = np.empty((1, k), dtype=np.float32)
     window = np.empty(h, dtype=np.float64)
     over = 0.0
     for c in range(k):
         col = cols[c]
         for i in range(h):
-            v = hist[n_hist - h + i, col]
-            j = i
-            while j > 0 and window[j - 1] > v:
-                window[j] = window[j - 1]
-                j -= 1
-            window[j] = v
-        mid = h // 2
-        base = window[mid] if h % 2 else (window[mid - 1] + window[mid]) / 2.0
-        zc = (row[col] - base) / limits[3, c]
+            _insert(window, i, hist[n_hist - h + i, col])
+        zc = (row[col] - _middle(window, h)) / limits[3, c]
         z[0, c] = zc
         over = max(over, zc - limits[5, c], limits[4, c] - zc)
     if denominator == 0.0:

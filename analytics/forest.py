@@ -300,15 +300,7 @@ class CompiledForest:
     def _path_sums(self, x32: NDArray[np.float32]) -> NDArray[np.float64]:
         """Per row of a C-contiguous float32 matrix: the sum over trees of the leaf contributions."""
         if self.layout == "complete":
-            return complete_path_sums(
-                x32,
-                self._feature,
-                self._threshold,
-                self._nan_right,
-                self._leaf_value,
-                self.n_estimators,
-                self.depth,
-            )
+            return complete_path_sums(x32, *self.complete_arrays()[:-1])  # all but the denominator
         assert self._base is not None
         return sparse_path_sums(
             x32,

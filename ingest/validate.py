@@ -391,7 +391,7 @@ def validate_message(topic: str, payload: bytes, received_ms: int) -> MessageRes
         if kind == "telemetry":
             fast = _fast_reading.validate_json(payload)
             ts = fast["ts"]
-            ts_ms = math.floor(ts * 1000 + 0.5) if type(ts) is float else _ts_ms(ts)
+            ts_ms = math.floor(ts * 1000 + 0.5) if type(ts) is float and -1e13 <= ts <= 1e13 else _ts_ms(ts)
             if fast["site"] == site and fast["sensor_id"] == device and earliest <= ts_ms <= latest:
                 normalized = {
                     "site": site, "sensor_id": device, "seq": fast["seq"], "ts_ms": ts_ms,
@@ -424,7 +424,9 @@ def validate_message(topic: str, payload: bytes, received_ms: int) -> MessageRes
         if fast["site"] == site:
             ts = fast["ts"]
             try:
-                ts_ms = math.floor(ts * 1000 + 0.5) if type(ts) is float else _ts_ms(ts)
+                ts_ms = (
+                    math.floor(ts * 1000 + 0.5) if type(ts) is float and -1e13 <= ts <= 1e13 else _ts_ms(ts)
+                )
             except _Bad as bad:
                 result.rejected.append(
                     Rejected(bad.reason, f"batch reading {index}: {bad.detail}", _raw_of(fast, False))

@@ -256,14 +256,6 @@ class CompiledForest:
         x32 = self._as_float32(np.asarray(row).reshape(1, -1))
         return float(self.score(x32)[0])
 
-    def score_row(self, row: NDArray[np.float64]) -> float:
-        """Lean single-row score for callers that already hold a 1-D float array of the right length."""
-        if self._denominator == 0.0:
-            return 0.5
-        with np.errstate(over="ignore"):
-            x32 = row.astype(np.float32).reshape(1, -1)
-        return float(2.0 ** -(self._path_sums(x32)[0] / self._denominator))
-
     def complete_arrays(
         self,
     ) -> tuple[NDArray[Any], NDArray[np.float32], NDArray[np.bool_], NDArray[np.float64], int, int, float]:

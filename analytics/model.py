@@ -508,16 +508,6 @@ class SensorModel:
             inside = (values >= self.level_lo_) & (values <= self.level_hi_)
         return bool((outside & inside)[jumped].all())
 
-    def score_row(self, z: F64) -> float:
-        """:meth:`score_features` of one feature row (1-D), with less per-call overhead."""
-        s = self.forest_.score_row(z)
-        g = self.envelope_guard
-        # Same arithmetic as envelope_excess, as methods on the arrays (less call overhead for one row).
-        over = max(float((z - (self.feature_hi_ + g)).max()), float(((self.feature_lo_ - g) - z).max()), 0.0)
-        if over == 0.0:
-            return s
-        return s + (1.0 - s) * -math.expm1(-over / self.envelope_scale)
-
     @property
     def stuck_limit_(self) -> NDArray[np.int64]:
         """Per metric, the run length from which it is stuck: ``stuck_run_``, or the largest int64 where 0 (never)."""

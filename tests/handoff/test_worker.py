@@ -247,6 +247,85 @@ async def test_stop_finishes_the_batch_in_hand(r: aredis.Redis) -> None:
     assert info[0]["entries-read"] == 20
 
 
+async def test_a_batch_is_handled_and_committed_in_chunks_oldest_first(r: aredis.Redis) -> None:
+    # Payloads of ~1 KiB; chunks of at most 3 KiB: a read of 20 entries goes out as 7 commits.
+    await StreamProducer(r, STREAM).add_many([{"n": i, "pad": "x" * 1000} for i in range(20)])
+    calls: list[list[int]] = []
+    committed_before: list[int] = []
+
+    async def handler(entries: Sequence[Entry]) -> Mapping[str, Outcome]:
+        # Whatever earlier chunks wrote is already committed: their outputs exist and they left the PEL.
+        committed_before.append(await r.xlen(OUT) + (20 - await pending(r)) * 1000)
+        calls.append([e.json()["n"] for e in entries])
+        return {e.id: Ack([XAdd(OUT, e.payload)]) for e in entries}
+
+    worker = ConsumerGroupWorker(
+        r, STREAM, GROUP, handler, config=WorkerConfig(batch_size=20, chunk_bytes=3 * 1024)
+    )
+
+    async def done() -> bool:
+        return await r.xlen(OUT) == 20
+
+    await run_until(worker, done)
+    assert [n for c in calls for n in c] == list(range(20))  # in order, each once
+    assert [len(c) for c in calls] == [3, 3, 3, 3, 3, 3, 2]
+    # Before chunk k is handled, the 3k entries of the earlier chunks are written and acked (xlen + acked * 1000).
+    assert committed_before == [3 * k + 3 * k * 1000 for k in range(7)]
+    assert await pending(r) == 0
+
+
+async def test_an_entry_larger_than_a_chunk_is_handled_alone(r: aredis.Redis) -> None:
+    await StreamProducer(r, STREAM).add_many([{"n": 0}, {"n": 1, "pad": "x" * 5000}, {"n": 2}, {"n": 3}])
+    calls: list[list[int]] = []
+
+    async def handler(entries: Sequence[Entry]) -> Mapping[str, Outcome]:
+        calls.append([e.json()["n"] for e in entries])
+        return {e.id: Ack([XAdd(OUT, e.payload)]) for e in entries}
+
+    worker = ConsumerGroupWorker(
+        r, STREAM, GROUP, handler, config=WorkerConfig(batch_size=10, chunk_bytes=1024)
+    )
+
+    async def done() -> bool:
+        return await r.xlen(OUT) == 4
+
+    await run_until(worker, done)
+    assert calls == [[0], [1], [2, 3]]
+
+
+async def test_a_redis_error_mid_batch_keeps_the_committed_chunks_and_redelivers_the_rest(
+    r: aredis.Redis,
+) -> None:
+    await StreamProducer(r, STREAM).add_many([{"n": i, "pad": "x" * 1000} for i in range(9)])
+    seen: list[int] = []
+    failed = False
+
+    async def handler(entries: Sequence[Entry]) -> Mapping[str, Outcome]:
+        nonlocal failed
+        ns = [e.json()["n"] for e in entries]
+        if ns[0] == 3 and not failed:
+            failed = True
+            raise RedisConnectionError("lost Redis mid-batch")
+        seen.extend(ns)
+        return {e.id: Ack([XAdd(OUT, e.payload)]) for e in entries}
+
+    worker = ConsumerGroupWorker(
+        r,
+        STREAM,
+        GROUP,
+        handler,
+        config=WorkerConfig(batch_size=9, chunk_bytes=3 * 1024, backoff_base_s=0.01, backoff_cap_s=0.02),
+    )
+
+    async def done() -> bool:
+        return await r.xlen(OUT) == 9 and await pending(r) == 0
+
+    await run_until(worker, done)
+    assert failed
+    assert seen == list(range(9))  # the first chunk once; the rest (left pending) re-drained, in order
+    assert sorted(await out_ns(r)) == list(range(9))
+
+
 @pytest.mark.parametrize("approx", [True, False])
 async def test_producer_trims_by_age(r: aredis.Redis, approx: bool) -> None:
     import time

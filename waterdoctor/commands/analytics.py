@@ -20,6 +20,13 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--consumer", help="consumer name (default host-pid); keep it stable across restarts")
     p.add_argument("--batch", type=int, default=500, help="entries per read (default 500)")
     p.add_argument("--block-ms", type=int, default=5, help="longest wait for a batch to fill (default 5)")
+    p.add_argument(
+        "--chunk-kb",
+        type=int,
+        default=16,
+        help="score and commit a batch in chunks of this many KiB of entries, oldest first, so a backlog's "
+        "oldest anomalies go out first (default 16: one gateway batch of 100 readings; 0: whole batches)",
+    )
     p.add_argument("--warmup", type=int, default=200, help="readings per sensor before its first model")
     p.add_argument("--window", type=int, default=4096, help="training window per sensor")
     p.add_argument("--refit-every", type=int, default=2048, help="accepted readings between refits")
@@ -52,6 +59,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.refit_workers < 1 or not 0 <= args.refit_nice <= 19:
         print("analytics: --refit-workers must be >= 1 and --refit-nice between 0 and 19", file=sys.stderr)
         return 2
+    if args.chunk_kb < 0:
+        print("analytics: --chunk-kb must be >= 0", file=sys.stderr)
+        return 2
     url = settings.require_redis_url()
     config = AnalyticsConfig(
         retention_days=settings.anomaly_retention_days,
@@ -60,6 +70,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             block_ms=args.block_ms,
             max_deliveries=settings.max_deliveries,
             claim_idle_ms=settings.claim_idle_ms,
+            chunk_bytes=args.chunk_kb * 1024,
         ),
         detector=DetectorConfig(warmup=args.warmup, window=args.window, refit_every=args.refit_every),
         max_fits_per_s=args.fits_per_s,

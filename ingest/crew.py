@@ -60,6 +60,10 @@ class IngestConfig:
     client_id: str
     batch_size: int = 500
     flush_ms: float = 5.0
+    #: A message of at least this many bytes (a gateway batch of ~60 readings or more) is written at once, without
+    #: lingering for flush_ms: it amortizes a flush by itself. 0: only batch_size messages or flush_ms start one.
+    #: (A bound on the bytes of all held messages instead made flushes of single readings small: 30k -> 21k/s.)
+    flush_bytes: int = 8 * 1024
     receive_maximum: int = 1000
     session_expiry_s: int = 86_400
     # readings/s per (site, sensor_id): a sensor normally sends well under 10/s, so 1000/s is a runaway device,
@@ -135,7 +139,8 @@ class IngestCrew:
             session_expiry_s=cfg.session_expiry_s,
             receive_maximum=cfg.receive_maximum,
             wake_at=cfg.batch_size,
-            on_ready=lambda count: self._notify(loop, count),
+            wake_bytes=cfg.flush_bytes,
+            on_ready=lambda full: self._notify(loop, full),
         )
         background = [
             asyncio.create_task(self._relay_stop(stop), name="ingest-stop-relay"),
@@ -194,13 +199,15 @@ class IngestCrew:
                 if intake.held() == 0:
                     await self._wake.wait()
                     continue
-                if intake.held() < batch_size and (inflight or time.monotonic() - last_flush < flush_s):
+                since = time.monotonic() - last_flush
+                if not intake.full() and (inflight or since < flush_s):
                     # Busy (a write in flight, or the last flush began less than flush_ms ago): let the batch fill
-                    # until it is full or flush_ms passed, so one round trip carries many messages. Idle (no
-                    # flush for flush_ms): write at once, so a lone reading waits for nothing.
+                    # until it is full (batch_size messages, or a message of flush_bytes) or flush_ms after the
+                    # last flush, so one round trip carries many small messages. Idle (no flush for flush_ms):
+                    # write at once, so a lone reading waits for nothing; a gateway's batch fills a flush itself.
                     self._full.clear()
                     with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(flush_s):
+                        async with asyncio.timeout(flush_s if inflight else flush_s - since):
                             await self._full.wait()
                 batch = intake.take(batch_size)
                 if not batch:
@@ -233,13 +240,13 @@ class IngestCrew:
             self._failure = task.exception()
             self._wake.set()
 
-    def _notify(self, loop: asyncio.AbstractEventLoop, count: int) -> None:
+    def _notify(self, loop: asyncio.AbstractEventLoop, full: bool) -> None:
         """From paho's thread: wake the flusher (only on the first message and when a batch is full)."""
-        loop.call_soon_threadsafe(self._signal, count)
+        loop.call_soon_threadsafe(self._signal, full)
 
-    def _signal(self, count: int) -> None:
+    def _signal(self, full: bool) -> None:
         self._wake.set()
-        if count >= self.config.batch_size:
+        if full:
             self._full.set()
 
     async def _relay_stop(self, stop: asyncio.Event) -> None:

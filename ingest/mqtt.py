@@ -80,8 +80,10 @@ class Incoming:
 class MqttIntake:
     """Receives from the shared subscription into an inbox; acknowledges on request, on the right connection.
 
-    ``on_ready(count)`` is called from paho's thread when the inbox goes from empty to one message and when it
-    reaches ``wake_at`` messages: the crew uses it to wake its flusher without a call per message.
+    ``on_ready(full)`` is called from paho's thread when the inbox goes from empty to one message (``full`` False)
+    and when it first becomes :meth:`full` (``full`` True): it holds ``wake_at`` messages, or one message of at
+    least ``wake_bytes`` (a gateway batch that amortizes a flush by itself; 0: no such bound). The crew uses it to
+    wake its flusher without a call per message.
     """
 
     def __init__(
@@ -95,7 +97,8 @@ class MqttIntake:
         receive_maximum: int = 1000,
         keepalive_s: int = 30,
         wake_at: int = 500,
-        on_ready: Callable[[int], None] | None = None,
+        wake_bytes: int = 0,
+        on_ready: Callable[[bool], None] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.client_id = client_id
@@ -104,9 +107,12 @@ class MqttIntake:
         self.receive_maximum = receive_maximum
         self.keepalive_s = keepalive_s
         self.wake_at = wake_at
+        self.wake_bytes = wake_bytes
         self.on_ready = on_ready
-        self._lock = threading.Lock()  # inbox, generation, connected, accepting
+        self._lock = threading.Lock()  # inbox, big, signalled, generation, connected, accepting
         self._inbox: list[Incoming] = []
+        self._big = False  # the inbox holds a message of at least wake_bytes
+        self._signalled = False  # on_ready(True) was called since the last take()
         self._generation = 0
         self._connected = False
         self._accepting = True
@@ -181,11 +187,19 @@ class MqttIntake:
         """Messages in the inbox."""
         return len(self._inbox)
 
+    def full(self) -> bool:
+        """Whether the inbox holds ``wake_at`` messages or one of ``wake_bytes``: worth a flush now."""
+        return self._big or len(self._inbox) >= self.wake_at
+
     def take(self, limit: int) -> list[Incoming]:
         """Up to ``limit`` messages, oldest first."""
         with self._lock:
             batch = self._inbox[:limit]
             del self._inbox[:limit]
+            if self._big:
+                big = self.wake_bytes
+                self._big = any(len(m.payload) >= big for m in self._inbox)
+            self._signalled = False
         return batch
 
     def ack(self, messages: list[Incoming]) -> tuple[int, int]:
@@ -269,11 +283,15 @@ class MqttIntake:
         with self._lock:
             if not self._accepting:
                 return
+            payload = bytes(message.payload)
             self._inbox.append(
-                Incoming(
-                    message.mid, message.qos, topic, bytes(message.payload), received_ms, self._generation
-                )
+                Incoming(message.mid, message.qos, topic, payload, received_ms, self._generation)
             )
-            count = len(self._inbox)
-        if self.on_ready is not None and (count == 1 or count == self.wake_at):
-            self.on_ready(count)
+            if 0 < self.wake_bytes <= len(payload):
+                self._big = True
+            first = len(self._inbox) == 1
+            full = not self._signalled and self.full()
+            if full:
+                self._signalled = True
+        if self.on_ready is not None and (first or full):
+            self.on_ready(full)

@@ -94,6 +94,31 @@ async def test_valid_readings_and_batches_land_normalized(redis_url: str, mosqui
     assert _xlen(redis_url, keys.QUARANTINE) == 0
 
 
+async def test_a_gateway_batch_is_written_at_once_while_single_readings_linger(
+    redis_url: str, mosquitto: MosquittoBroker
+) -> None:
+    now = int(time.time() * 1000)
+    batch = orjson.dumps(
+        {"gateway_id": "gw-1", "readings": [reading(f"v{i}", 1, now, site="p1") for i in range(100)]}
+    )
+    assert len(batch) >= 8 * 1024  # IngestConfig.flush_bytes
+    # flush_ms far above the test's waits: a lingering message shows as "not stored yet".
+    async with running(redis_url, mosquitto.url, flush_ms=3000.0) as crew:
+        await asyncio.to_thread(publish, mosquitto.url, [_single("s1", 1, now)])
+        await wait_for(lambda: crew.stats.flushes == 1)  # idle: written at once
+        started = time.monotonic()
+        await asyncio.to_thread(publish, mosquitto.url, [_single("s1", 2, now)])
+        await asyncio.sleep(0.3)
+        # Busy (the last flush began under flush_ms ago): the single reading waits for company.
+        assert len(stored_readings(redis_url)) == 1
+        await asyncio.to_thread(publish, mosquitto.url, [("wd/p1/gw-1/batch", batch)])
+        # A gateway batch fills a flush by itself: written at once, with the reading held before it.
+        await wait_for(lambda: len(stored_readings(redis_url)) == 102, timeout=10)
+        assert time.monotonic() - started < 2.0 < crew.config.flush_ms / 1000
+        await wait_for(lambda: crew.stats.readings == 102)
+        assert crew.stats.flushes == 2  # one flush carried both
+
+
 async def test_every_malformed_input_is_quarantined_and_ingest_keeps_going(
     redis_url: str, mosquitto: MosquittoBroker
 ) -> None:

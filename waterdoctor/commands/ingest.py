@@ -47,6 +47,13 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         help="a busy ingest waits at most this many ms for a fuller batch (default 5); an idle one writes at once",
     )
     p.add_argument(
+        "--flush-kb",
+        type=float,
+        default=8.0,
+        help="write a message of at least this many KiB at once, without waiting for a fuller batch (default 8: "
+        "a gateway batch of ~60 readings or more fills a flush by itself); 0: never",
+    )
+    p.add_argument(
         "--receive-maximum", type=int, default=1000, help="unacknowledged messages the broker may send (1000)"
     )
     p.add_argument(
@@ -90,6 +97,7 @@ def config_from(args: argparse.Namespace, settings: Settings) -> IngestConfig:
         client_id=args.client_id or default_client_id(args.instance),
         batch_size=max(1, args.batch_size),
         flush_ms=max(0.0, args.flush_ms),
+        flush_bytes=max(0, int(args.flush_kb * 1024)),
         receive_maximum=max(1, min(65_535, args.receive_maximum)),
         session_expiry_s=args.session_expiry,
         device_rate=args.device_rate or None,

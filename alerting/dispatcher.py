@@ -5,10 +5,11 @@ outcome (accepted, unknown, rejected, dry run) or is deferred durably in Redis (
 and its escalations and fold summaries are scheduled durably. The stream consumer acks the entry only then; the
 Pub/Sub path can ignore the result (the stream brings the alert again if it was not settled).
 
-At most once per alert and phone (CONTRACT.md section 6): before any request, a compare-and-set in the ledger moves
-the (alert, phone) record into ``sending``; only the winner sends, whoever else arrives (the other input, another
-alerting process, a restart) waits for its outcome or, when the claim was abandoned (crash mid-send), records the
-outcome as ``unknown`` and never resends it. 429 is retried with backoff honouring ``Retry-After``; a 5xx, a timeout
+At most once per alert and phone (CONTRACT.md section 6): before any request, the ledger moves the (alert, phone)
+record into ``sending`` atomically (for an alert's first SMS in the admission script, which also decides folding and
+throttling and reserves the send slot: one round trip before the request; otherwise a compare-and-set); only the
+winner sends, whoever else arrives (the other input, another alerting process, a restart) waits for its outcome
+or, when the claim was abandoned (crash mid-send), records the outcome as ``unknown`` and never resends it. 429 is retried with backoff honouring ``Retry-After``; a 5xx, a timeout
 or a reset after sending is ``unknown``.
 
 Background work (deferred warnings after quiet hours, 429 retries too long to wait for inline, escalations, fold
@@ -39,7 +40,10 @@ from alerting.errors import InvalidAnomaly
 from alerting.ledger import (
     DURABLE_STATES,
     FINAL_STATES,
+    EscalationPlan,
     Ledger,
+    PhoneAdmission,
+    PhoneRequest,
     esc_member,
     loads,
     phone_field,
@@ -167,64 +171,110 @@ class Dispatcher:
         alert_id = model.alert_id
         now = self._clock()
         anomaly_json = orjson.dumps(dict(anomaly)).decode()
-        first_time = True  # whether this call made the decision (so counters count each alert once)
+        plan = self.routing.plan(model.site, model.severity, now)
+        body = format_body(anomaly, code=ack_code(alert_id), resend=resend)
         if resend:
             # An operator asked for it again: no folding or throttling, no escalation; its own ledger tag.
             await self.ledger.store_anomaly(alert_id, anomaly_json)
-        else:
-            metric = model.explanation[0].metric if model.explanation else "_score"
-            decision = await self.ledger.decide(
-                anomaly_json,
-                alert_id=alert_id,
-                site=model.site,
-                sensor_id=model.sensor_id,
-                metric=metric,
-                ts_ms=model.ts_ms,
-                severity_rank=SEVERITY_RANK[model.severity],
-                fold_window_ms=int(cfg.fold_window_s * 1000),
-                throttle_max=cfg.throttle_max,
-                throttle_window_ms=int(cfg.throttle_window_s * 1000),
-                summary_due_floor_ms=int((now + cfg.fold_settle_s) * 1000),
+            if not plan.routed:
+                return True
+            results = await asyncio.gather(
+                *(
+                    self._deliver(alert_id, tag, phone, due, body, model.ts_ms, observe_latency=True)
+                    for phone, due in plan.phones.items()
+                )
             )
-            first_time = decision.new
-            if decision.kind == "folded":
-                if decision.new:
-                    metrics.ALERTS_FOLDED.inc()
-                    logger.info("alert %s folded into %s", alert_id, decision.lead)
-                return True
-            if decision.kind == "throttled":
-                if decision.new:
-                    metrics.ALERTS_THROTTLED.inc()
-                    logger.warning("alert %s throttled: sensor %s keeps firing", alert_id, model.sensor_id)
-                return True
+            return all(results)
 
-        plan = self.routing.plan(model.site, model.severity, now)
+        # One round trip decides (fold, throttle, lead), plans the escalations and, for each phone to send to now,
+        # reserves its send slot and claims its record: the SMS request can follow at once.
+        now_phones = [p for p, due in plan.phones.items() if due is None or due <= now] if plan.routed else []
+        base = {"body": body, "ts": model.ts_ms, "n": 0}
+        claim = {**base, "s": "sending", "t": _ms(now), "due": _ms(now + cfg.send_timeout_s)}
+        buckets = getattr(self.limiter, "buckets", None)  # a Redis-shared limiter reserves inside the step
+        requests = [
+            PhoneRequest(phone_field("", p), claim, True, *buckets(p))
+            if buckets is not None
+            else PhoneRequest(phone_field("", p), claim, False)
+            for p in now_phones
+        ]
+        metric = model.explanation[0].metric if model.explanation else "_score"
+        decision, admitted = await self.ledger.admit(
+            anomaly_json,
+            alert_id=alert_id,
+            site=model.site,
+            sensor_id=model.sensor_id,
+            metric=metric,
+            ts_ms=model.ts_ms,
+            severity_rank=SEVERITY_RANK[model.severity],
+            fold_window_ms=int(cfg.fold_window_s * 1000),
+            throttle_max=cfg.throttle_max,
+            throttle_window_ms=int(cfg.throttle_window_s * 1000),
+            summary_due_floor_ms=int((now + cfg.fold_settle_s) * 1000),
+            escalations=[
+                EscalationPlan(
+                    esc.route,
+                    {
+                        "phones": list(esc.phones),
+                        "qh": esc.quiet_hours.to_json() if esc.quiet_hours else None,
+                    },
+                    int(esc.due * 1000),
+                )
+                for esc in plan.escalations
+            ]
+            if plan.routed
+            else [],
+            phones=requests,
+        )
+        if decision.kind == "folded":
+            if decision.new:
+                metrics.ALERTS_FOLDED.inc()
+                logger.info("alert %s folded into %s", alert_id, decision.lead)
+            return True
+        if decision.kind == "throttled":
+            if decision.new:
+                metrics.ALERTS_THROTTLED.inc()
+                logger.warning("alert %s throttled: sensor %s keeps firing", alert_id, model.sensor_id)
+            return True
         if not plan.routed:
-            if first_time:
+            if decision.new:
                 metrics.ALERTS_UNROUTED.inc()
                 logger.warning(
                     "alert %s (site %s, %s) matched no route", alert_id, model.site, model.severity
                 )
             return True
-
-        if not resend:
-            for esc in plan.escalations:
-                spec = {
-                    "phones": list(esc.phones),
-                    "qh": esc.quiet_hours.to_json() if esc.quiet_hours else None,
-                }
-                await self.ledger.plan_escalation(alert_id, esc.route, spec, int(esc.due * 1000))
-
-        body = format_body(anomaly, code=ack_code(alert_id), resend=resend)
         results = await asyncio.gather(
             *(
-                self._deliver(alert_id, tag, phone, due, body, model.ts_ms, observe_latency=True)
+                self._admitted(alert_id, phone, base, admission)
+                for phone, admission in zip(now_phones, admitted, strict=True)
+            ),
+            *(
+                self._deliver(alert_id, "", phone, due, body, model.ts_ms, observe_latency=True)
                 for phone, due in plan.phones.items()
-            )
+                if due is not None and due > now
+            ),
         )
         return all(results)
 
     # ---- one SMS ------------------------------------------------------------------------------------------
+
+    async def _admitted(
+        self, alert_id: str, phone: str, base: dict[str, Any], admission: PhoneAdmission
+    ) -> bool:
+        """Go on from what the admission step did for a phone to send to now."""
+        field = phone_field("", phone)
+        if admission.current is not None:
+            return await self._settle_existing(alert_id, field, admission.current)
+        if admission.claimed:
+            return await self._send_loop(alert_id, "", phone, base, observe_latency=True)
+        if admission.wait_s > 0:  # our slot is reserved but not due yet: claim it when it is
+            return await self._claim_and_send(
+                alert_id, "", phone, base, admission.wait_s, observe_latency=True
+            )
+        # No shared limiter: reserve in this process, then claim.
+        return await self._deliver(
+            alert_id, "", phone, None, str(base["body"]), int(base["ts"]), observe_latency=True
+        )
 
     async def _deliver(
         self,
@@ -264,7 +314,15 @@ class Dispatcher:
             existing = await self.ledger.get(alert_id, field)
             if existing is not None:
                 return await self._settle_existing(alert_id, field, existing)
+        return await self._claim_and_send(alert_id, tag, phone, base, wait, observe_latency=observe_latency)
+
+    async def _claim_and_send(
+        self, alert_id: str, tag: str, phone: str, base: dict[str, Any], wait: float, *, observe_latency: bool
+    ) -> bool:
+        """Wait for a reserved send slot, claim the record (absent -> ``sending``) and send."""
+        if wait > 0:
             await asyncio.sleep(wait)
+        field = phone_field(tag, phone)
         now = self._clock()
         # The claim: the compare-and-set returns the existing record instead when someone was first.
         ok, cur = await self.ledger.cas(

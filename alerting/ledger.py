@@ -22,12 +22,17 @@ Cluster slot):
 Phone record states: ``deferred`` / ``retry_wait`` (durable, scheduled in ``wd:_sms_due``; ``due`` is when it may
 go), ``sending`` (claimed, a request may be in flight; ``due`` is when the claim counts as abandoned), and the final
 ``accepted``, ``unknown``, ``rejected``, ``dry_run``, ``cancelled``. Only a compare-and-set (Lua) moves a record
-into ``sending``, so exactly one party ever sends it; an abandoned ``sending`` becomes ``unknown``, never resent.
+into ``sending`` (the admission script, or the compare-and-set), so exactly one party ever sends it; an abandoned
+``sending`` becomes ``unknown``, never resent.
+
+Before the first SMS request of an alert there is one round trip: the admission script decides (fold, throttle,
+lead), plans the escalations, and per phone reserves the send slot (the shared GCRA buckets of
+:mod:`alerting.ratelimit`) and claims the record, or returns the record someone else already holds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -35,6 +40,7 @@ import orjson
 import redis.asyncio as aredis
 
 from alerting.body import ack_code
+from alerting.ratelimit import GCRA_LUA
 from handoff import keys
 
 FINAL_STATES: Final = frozenset({"accepted", "unknown", "rejected", "dry_run", "cancelled"})
@@ -84,6 +90,37 @@ def esc_member(alert_id: str, route: int) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class EscalationPlan:
+    """An escalation to schedule with an alert: its route index, its phones and quiet hours (JSON), when it is due."""
+
+    route: int
+    spec: Mapping[str, Any]
+    due_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class PhoneRequest:
+    """A phone to send an alert to now: its record field, the ``sending`` record to claim it with, whether to claim
+    it in the admission step, and its send-rate buckets (keys and (interval_ms, burst) pairs) to reserve a slot in."""
+
+    field: str
+    record: Mapping[str, Any]
+    claim: bool
+    bucket_keys: Sequence[str] = ()
+    bucket_args: Sequence[float] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PhoneAdmission:
+    """What admission did for one phone: claimed it (send now), or reserved a slot ``wait_s`` away without claiming
+    (claim when it comes due), or found its record already there (``current``: someone else has it)."""
+
+    claimed: bool
+    wait_s: float
+    current: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     """The noise-control verdict for an alert, and whether this call made it (so it is counted once)."""
 
@@ -92,50 +129,98 @@ class Decision:
     lead: str | None = None
 
 
-# Decide once per alert (idempotent): fold into the current lead of the sensor+metric, throttle, or become a lead.
-# KEYS: alert hash, fold hash, throttle counter, ack-code key, due zset
+# Admission of an alert in one step (one round trip before the SMS request):
+# 1. decide once per alert (idempotent): fold into the current lead of the sensor+metric, throttle, or become a lead;
+# 2. for a lead, plan its escalations (once per alert and route: a redelivered alert must not schedule again an
+#    escalation that already ran);
+# 3. for a lead, per phone to send now: if the phone record exists, return it (someone else has it: no send slot is
+#    taken); otherwise reserve a send slot (GCRA, when the phone has buckets) and, when no wait is due and claiming
+#    is asked for, claim the record (absent -> ``sending``).
+# KEYS: alert hash, fold hash, throttle counter, ack-code key, due zset, then the rate buckets of every phone in order
 # ARGV: anomaly json, alert_id, ts_ms, severity rank, fold window ms, throttle max, throttle ttl ms, ledger ttl ms,
-#       summary due floor ms (now + settle), alert hash key (stored in the fold hash for the folded ones)
-_DECIDE = """
-local d = redis.call('HGET', KEYS[1], 'd')
-if d then return {0, d} end
-local ts = tonumber(ARGV[3])
-local rank = tonumber(ARGV[4])
-local win = tonumber(ARGV[5])
-local decision = 'lead'
-if win > 0 then
-  local f = redis.call('HMGET', KEYS[2], 'lead', 'start', 'rank', 'lk')
-  if f[1] and f[1] ~= ARGV[2] and math.abs(ts - tonumber(f[2])) < win and rank <= tonumber(f[3]) then
-    decision = 'folded:' .. f[1]
-    local lk = f[4]
-    redis.call('HINCRBY', lk, 'fc', 1)
-    local lts = tonumber(redis.call('HGET', lk, 'flts') or '-1')
-    if ts >= lts then redis.call('HSET', lk, 'fl', ARGV[2], 'flts', ts) end
-    if redis.call('HSETNX', lk, 'fsched', '1') == 1 then
-      local g = redis.call('HINCRBY', lk, 'fg', 1)
-      local due = math.max(tonumber(ARGV[9]), tonumber(f[2]) + win)
-      redis.call('ZADD', KEYS[5], 'NX', due, 'fold|' .. f[1] .. '|' .. g)
+#       summary due floor ms (now + settle), alert hash key (stored in the fold hash for the folded ones),
+#       n escalations, then per escalation: field, spec json, due member, due ms;
+#       n phones, then per phone: field, claim record json, claim ("1"/"0"), n buckets, then (interval_ms, burst)
+#       per bucket
+# Returns {new, decision, then per phone: claimed (0/1), wait ms, current record or ""}.
+_ADMIT = (
+    GCRA_LUA
+    + """
+local new = 0
+local decision = redis.call('HGET', KEYS[1], 'd')
+if not decision then
+  new = 1
+  local ts = tonumber(ARGV[3])
+  local rank = tonumber(ARGV[4])
+  local win = tonumber(ARGV[5])
+  decision = 'lead'
+  if win > 0 then
+    local f = redis.call('HMGET', KEYS[2], 'lead', 'start', 'rank', 'lk')
+    if f[1] and f[1] ~= ARGV[2] and math.abs(ts - tonumber(f[2])) < win and rank <= tonumber(f[3]) then
+      decision = 'folded:' .. f[1]
+      local lk = f[4]
+      redis.call('HINCRBY', lk, 'fc', 1)
+      local lts = tonumber(redis.call('HGET', lk, 'flts') or '-1')
+      if ts >= lts then redis.call('HSET', lk, 'fl', ARGV[2], 'flts', ts) end
+      if redis.call('HSETNX', lk, 'fsched', '1') == 1 then
+        local g = redis.call('HINCRBY', lk, 'fg', 1)
+        local due = math.max(tonumber(ARGV[9]), tonumber(f[2]) + win)
+        redis.call('ZADD', KEYS[5], 'NX', due, 'fold|' .. f[1] .. '|' .. g)
+      end
     end
   end
-end
-if decision == 'lead' and tonumber(ARGV[6]) > 0 then
-  local n = redis.call('INCR', KEYS[3])
-  if n == 1 then redis.call('PEXPIRE', KEYS[3], ARGV[7]) end
-  if n > tonumber(ARGV[6]) then decision = 'throttled' end
-end
-if decision == 'lead' and win > 0 then
-  local start = tonumber(redis.call('HGET', KEYS[2], 'start') or '-1')
-  if ts >= start then
-    redis.call('DEL', KEYS[2])
-    redis.call('HSET', KEYS[2], 'lead', ARGV[2], 'start', ts, 'rank', rank, 'lk', ARGV[10])
-    redis.call('PEXPIRE', KEYS[2], 2 * win)
+  if decision == 'lead' and tonumber(ARGV[6]) > 0 then
+    local n = redis.call('INCR', KEYS[3])
+    if n == 1 then redis.call('PEXPIRE', KEYS[3], ARGV[7]) end
+    if n > tonumber(ARGV[6]) then decision = 'throttled' end
   end
+  if decision == 'lead' and win > 0 then
+    local start = tonumber(redis.call('HGET', KEYS[2], 'start') or '-1')
+    if ts >= start then
+      redis.call('DEL', KEYS[2])
+      redis.call('HSET', KEYS[2], 'lead', ARGV[2], 'start', ts, 'rank', rank, 'lk', ARGV[10])
+      redis.call('PEXPIRE', KEYS[2], 2 * win)
+    end
+  end
+  redis.call('HSET', KEYS[1], 'a', ARGV[1], 'd', decision)
+  redis.call('PEXPIRE', KEYS[1], ARGV[8])
+  if decision == 'lead' then redis.call('SET', KEYS[4], ARGV[2], 'PX', ARGV[8]) end
 end
-redis.call('HSET', KEYS[1], 'a', ARGV[1], 'd', decision)
-redis.call('PEXPIRE', KEYS[1], ARGV[8])
-if decision == 'lead' then redis.call('SET', KEYS[4], ARGV[2], 'PX', ARGV[8]) end
-return {1, decision}
+local out = {new, decision}
+if decision ~= 'lead' then return out end
+local i = 11
+for _ = 1, tonumber(ARGV[i]) do
+  if redis.call('HSETNX', KEYS[1], ARGV[i + 1], ARGV[i + 2]) == 1 then
+    redis.call('ZADD', KEYS[5], 'NX', ARGV[i + 4], ARGV[i + 3])
+  end
+  i = i + 4
+end
+local k = 6
+local nphones = tonumber(ARGV[i + 1])
+i = i + 2
+for _ = 1, nphones do
+  local field, rec, claim, nb = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+  i = i + 4
+  local cur = redis.call('HGET', KEYS[1], field)
+  if cur then
+    table.insert(out, 0); table.insert(out, 0); table.insert(out, cur)
+  else
+    local wait = 0
+    if nb > 0 then wait = gcra_reserve(k, nb, i) end
+    if wait <= 0 and claim == '1' then
+      redis.call('HSET', KEYS[1], field, rec)
+      table.insert(out, 1); table.insert(out, 0)
+    else
+      table.insert(out, 0); table.insert(out, wait)
+    end
+    table.insert(out, '')
+  end
+  k = k + nb
+  i = i + 2 * nb
+end
+return out
 """
+)
 
 # Compare-and-set of one phone record, optionally scheduling or unscheduling due work in the same step.
 # KEYS: alert hash, due zset
@@ -158,16 +243,6 @@ if string.find(ARGV[3], ',' .. state .. ',', 1, true) and (state == '' or due <=
   return {1, cur or ''}
 end
 return {0, cur or ''}
-"""
-
-# Plan an escalation once: a redelivered alert must not schedule again an escalation that already ran.
-# KEYS: alert hash, due zset.  ARGV: field, spec json, member, due ms.
-_PLAN_ESCALATION = """
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
-  redis.call('ZADD', KEYS[2], 'NX', ARGV[4], ARGV[3])
-  return 1
-end
-return 0
 """
 
 # Freeze the count of a fold summary (idempotent per generation) and let later folds schedule the next one.
@@ -202,12 +277,11 @@ class Ledger:
     def __init__(self, redis: aredis.Redis, *, ttl_s: float) -> None:
         self.redis = redis
         self.ttl_ms = int(ttl_s * 1000)
-        self._decide = redis.register_script(_DECIDE)
+        self._admit = redis.register_script(_ADMIT)
         self._cas = redis.register_script(_CAS)
         self._fold_summary = redis.register_script(_FOLD_SUMMARY)
-        self._plan_escalation = redis.register_script(_PLAN_ESCALATION)
 
-    async def decide(
+    async def admit(
         self,
         anomaly_json: str,
         *,
@@ -221,35 +295,53 @@ class Ledger:
         throttle_max: int,
         throttle_window_ms: int,
         summary_due_floor_ms: int,
-    ) -> Decision:
-        """Store the anomaly and make (or read back) its noise-control decision."""
+        escalations: Sequence[EscalationPlan] = (),
+        phones: Sequence[PhoneRequest] = (),
+    ) -> tuple[Decision, list[PhoneAdmission]]:
+        """Store the anomaly and make (or read back) its noise-control decision; for a lead, also plan its
+        escalations and reserve and claim the phones to send to now, all in one step (see :data:`_ADMIT`).
+
+        The phone admissions are in the order of ``phones`` (empty unless the alert is a lead).
+        """
         bucket = ts_ms // throttle_window_ms if throttle_window_ms > 0 else 0
         akey = alert_key(alert_id)
-        new, raw = await self._decide(
-            keys=[
-                akey,
-                fold_key(site, sensor_id, metric),
-                throttle_key(site, sensor_id, severity_rank, bucket),
-                ack_code_key(ack_code(alert_id)),
-                DUE_KEY,
-            ],
-            args=[
-                anomaly_json,
-                alert_id,
-                ts_ms,
-                severity_rank,
-                fold_window_ms,
-                throttle_max,
-                2 * throttle_window_ms if throttle_window_ms > 0 else 1000,
-                self.ttl_ms,
-                summary_due_floor_ms,
-                akey,
-            ],
-        )
-        d = _s(raw)
+        script_keys = [
+            akey,
+            fold_key(site, sensor_id, metric),
+            throttle_key(site, sensor_id, severity_rank, bucket),
+            ack_code_key(ack_code(alert_id)),
+            DUE_KEY,
+        ]
+        args: list[Any] = [
+            anomaly_json,
+            alert_id,
+            ts_ms,
+            severity_rank,
+            fold_window_ms,
+            throttle_max,
+            2 * throttle_window_ms if throttle_window_ms > 0 else 1000,
+            self.ttl_ms,
+            summary_due_floor_ms,
+            akey,
+            len(escalations),
+        ]
+        for esc in escalations:
+            args += [f"e:{esc.route}", dumps(esc.spec), esc_member(alert_id, esc.route), esc.due_ms]
+        args.append(len(phones))
+        for p in phones:
+            script_keys += p.bucket_keys
+            args += [p.field, dumps(p.record), "1" if p.claim else "0", len(p.bucket_keys), *p.bucket_args]
+        reply = await self._admit(keys=script_keys, args=args)
+        d = _s(reply[1])
         if d.startswith("folded:"):
-            return Decision("folded", bool(new), d.split(":", 1)[1])
-        return Decision(d, bool(new))
+            decision = Decision("folded", bool(reply[0]), d.split(":", 1)[1])
+        else:
+            decision = Decision(d, bool(reply[0]))
+        admitted = [
+            PhoneAdmission(bool(reply[j]), max(0, int(reply[j + 1])) / 1000, loads(reply[j + 2]))
+            for j in range(2, len(reply), 3)
+        ]
+        return decision, admitted
 
     async def store_anomaly(self, alert_id: str, anomaly_json: str) -> None:
         """Keep the anomaly for later formatting without deciding anything (operator resends)."""
@@ -328,14 +420,6 @@ class Ledger:
                 if rec is not None:
                     out[k] = rec
         return out
-
-    async def plan_escalation(self, alert_id: str, route: int, spec: Mapping[str, Any], due_ms: int) -> bool:
-        """Keep an escalation's phones and schedule its check, once per alert and route (True when new)."""
-        new = await self._plan_escalation(
-            keys=[alert_key(alert_id), DUE_KEY],
-            args=[f"e:{route}", dumps(spec), esc_member(alert_id, route), due_ms],
-        )
-        return bool(new)
 
     async def fold_summary(self, lead_id: str, generation: int) -> tuple[int, str]:
         count, last = await self._fold_summary(keys=[alert_key(lead_id)], args=[generation])

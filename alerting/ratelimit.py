@@ -111,30 +111,35 @@ class SendRateLimiter:
             await asyncio.sleep(wait)
 
 
-# GCRA over any number of buckets at once: KEYS are the buckets, ARGV holds (interval_ms, burst) per key. Each
-# bucket's value is its theoretical arrival time (TAT, ms on the server clock); a reservation is due at
-# TAT - (burst - 1) * interval and moves the TAT on by one interval, even when it has to wait (as the in-process
-# bucket lets its tokens go negative), so waiters are served in order. Returns the wait in ms (max over buckets).
-_RESERVE_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local wait = 0
-local tats = {}
-for i, key in ipairs(KEYS) do
-  local interval = tonumber(ARGV[2 * i - 1])
-  local burst = tonumber(ARGV[2 * i])
-  local tat = tonumber(redis.call('GET', key)) or now
-  if tat < now then tat = now end
-  local w = tat - (burst - 1) * interval - now
-  if w > wait then wait = w end
-  tats[i] = tat
+# GCRA over any number of buckets at once, as a Lua function other scripts include (the dispatcher's admission
+# script reserves the send slot in the same step as the claim): KEYS[k0 .. k0+n-1] are the buckets, ARGV[a0 ..] holds
+# (interval_ms, burst) per key. Each bucket's value is its theoretical arrival time (TAT, ms on the server clock); a
+# reservation is due at TAT - (burst - 1) * interval and moves the TAT on by one interval, even when it has to wait
+# (as the in-process bucket lets its tokens go negative), so waiters are served in order. Returns the wait in ms
+# (max over the buckets).
+GCRA_LUA = """
+local function gcra_reserve(k0, n, a0)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local wait = 0
+  local tats = {}
+  for i = 0, n - 1 do
+    local interval = tonumber(ARGV[a0 + 2 * i])
+    local burst = tonumber(ARGV[a0 + 2 * i + 1])
+    local tat = tonumber(redis.call('GET', KEYS[k0 + i])) or now
+    if tat < now then tat = now end
+    local w = tat - (burst - 1) * interval - now
+    if w > wait then wait = w end
+    tats[i] = tat
+  end
+  for i = 0, n - 1 do
+    local new_tat = tats[i] + tonumber(ARGV[a0 + 2 * i])
+    redis.call('SET', KEYS[k0 + i], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now) + 1000)
+  end
+  return math.ceil(wait)
 end
-for i, key in ipairs(KEYS) do
-  local new_tat = tats[i] + tonumber(ARGV[2 * i - 1])
-  redis.call('SET', key, string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now) + 1000)
-end
-return math.ceil(wait)
 """
+_RESERVE_LUA = GCRA_LUA + "return gcra_reserve(1, #KEYS, 1)\n"
 
 
 class RedisSendRateLimiter:
@@ -157,13 +162,18 @@ class RedisSendRateLimiter:
             (1000.0 / global_rate, float(global_burst or max(1.0, global_rate))) if global_rate else None
         )
 
-    async def reserve_async(self, phone: str) -> float:
-        """Reserve a slot for ``phone`` (and in the global bucket); seconds to wait before sending."""
+    def buckets(self, phone: str) -> tuple[list[str], list[float]]:
+        """The bucket keys of ``phone`` and their (interval_ms, burst) pairs, for :data:`GCRA_LUA` in any script."""
         bucket_keys = [keys.SMS_RATE_PREFIX + phone]
         args: list[float] = [*self._number]
         if self._global is not None:
             bucket_keys.append(keys.SMS_RATE_PREFIX + "*")
             args.extend(self._global)
+        return bucket_keys, args
+
+    async def reserve_async(self, phone: str) -> float:
+        """Reserve a slot for ``phone`` (and in the global bucket); seconds to wait before sending."""
+        bucket_keys, args = self.buckets(phone)
         wait_ms = await self._reserve(keys=bucket_keys, args=args)
         return max(0, int(wait_ms)) / 1000
 

@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aredis
 
 from alerting.dispatcher import DispatchConfig, Dispatcher
-from alerting.ratelimit import SendRateLimiter
+from alerting.ratelimit import RateLimiter, RedisSendRateLimiter, SendRateLimiter
 from alerting.routing import Routing, parse_routing
 from alerting.sms import SmsSender, TwilioSender
 from simulators.twilio_fake import Faults, TwilioFake
@@ -110,14 +110,17 @@ async def make_dispatcher(r: aredis.Redis, redis_url: str) -> AsyncIterator[Disp
         *,
         config: DispatchConfig = PLAIN,
         clock: Callable[[], float] | None = None,
-        limiter: SendRateLimiter | None = None,
+        limiter: RateLimiter | None = None,
         own_client: bool = False,
     ) -> Dispatcher:
         client = r
         if own_client:
             client = aredis.Redis.from_url(redis_url)
             clients.append(client)
-        kwargs: dict[str, Any] = {"config": config, "limiter": limiter or fast_limiter()}
+        # By default the crew's limiter (shared through Redis, reserved in the admission step), with bounds that
+        # never hold an SMS back; tests of the in-process limiter pass fast_limiter().
+        limiter = limiter or RedisSendRateLimiter(client, 100_000, 100_000)
+        kwargs: dict[str, Any] = {"config": config, "limiter": limiter}
         if clock is not None:
             kwargs["clock"] = clock
         return Dispatcher(client, sender, routing, **kwargs)

@@ -27,6 +27,7 @@ from tests.alerting.conftest import (
     DispatcherFactory,
     FakeClock,
     anomaly,
+    fast_limiter,
 )
 
 ACL_FILE = Path(__file__).resolve().parents[2] / "deploy" / "redis-users.acl"
@@ -37,10 +38,22 @@ def _count(counter: object, *labels: str) -> float:
     return float(c._value.get())
 
 
+#: The crew's Redis-shared limiter (slot and claim taken in the admission step) and the in-process one (slot taken
+#: in this process, then a separate claim): both ways must give one SMS per alert and phone.
+LIMITERS = pytest.mark.parametrize(
+    "in_process_limiter", [False, True], ids=["shared-limiter", "local-limiter"]
+)
+
+
+@LIMITERS
 async def test_one_sms_per_phone_when_both_inputs_deliver_at_once(
-    fake: TwilioFake, sender: TwilioSender, routing: Routing, make_dispatcher: DispatcherFactory
+    fake: TwilioFake,
+    sender: TwilioSender,
+    routing: Routing,
+    make_dispatcher: DispatcherFactory,
+    in_process_limiter: bool,
 ) -> None:
-    d = make_dispatcher(sender, routing)
+    d = make_dispatcher(sender, routing, limiter=fast_limiter() if in_process_limiter else None)
     a = anomaly(1)
     # The Pub/Sub message and the stream entry of the same anomaly, concurrently.
     assert await asyncio.gather(d.dispatch(a), d.dispatch(dict(a))) == [True, True]
@@ -56,13 +69,20 @@ async def test_one_sms_per_phone_when_both_inputs_deliver_at_once(
     assert all(v["sid"].startswith("SM") for v in recs.values())
 
 
+@LIMITERS
 async def test_two_dispatcher_instances_send_once(
-    fake: TwilioFake, sender: TwilioSender, routing: Routing, make_dispatcher: DispatcherFactory
+    fake: TwilioFake,
+    sender: TwilioSender,
+    routing: Routing,
+    make_dispatcher: DispatcherFactory,
+    in_process_limiter: bool,
 ) -> None:
     # Two alerting processes: separate Redis connections, separate senders, separate in-process locks.
     sender2 = TwilioSender(fake.account_sid, fake.auth_token, FROM, base_url=fake.base_url, read_timeout=1.0)
-    d1 = make_dispatcher(sender, routing)
-    d2 = make_dispatcher(sender2, routing, own_client=True)
+    d1 = make_dispatcher(sender, routing, limiter=fast_limiter() if in_process_limiter else None)
+    d2 = make_dispatcher(
+        sender2, routing, own_client=True, limiter=fast_limiter() if in_process_limiter else None
+    )
     alerts = [anomaly(i) for i in range(50)]
     try:
         results = await asyncio.gather(*(d.dispatch(a) for a in alerts for d in (d1, d2)))
@@ -74,8 +94,9 @@ async def test_two_dispatcher_instances_send_once(
     assert set(per_key.values()) == {1}
 
 
+@LIMITERS
 async def test_random_429_500_timeouts_over_1000_alerts(
-    r: aredis.Redis, make_dispatcher: DispatcherFactory
+    r: aredis.Redis, make_dispatcher: DispatcherFactory, in_process_limiter: bool
 ) -> None:
     faults = Faults(
         p429=0.15, p500=0.03, p503=0.03, ptimeout=0.02, preset=0.01, retry_after=0.01, hang_s=3.0, seed=7
@@ -86,7 +107,10 @@ async def test_random_429_500_timeouts_over_1000_alerts(
             fake.account_sid, fake.auth_token, FROM, base_url=fake.base_url, read_timeout=1.0
         )
         d = make_dispatcher(
-            sender, routing, config=DispatchConfig(fold_window_s=0, throttle_max=0, backoff_base_s=0.01)
+            sender,
+            routing,
+            config=DispatchConfig(fold_window_s=0, throttle_max=0, backoff_base_s=0.01),
+            limiter=fast_limiter() if in_process_limiter else None,
         )
         alerts = [anomaly(i, sensor=f"s-{i % 40}") for i in range(1000)]
         sem = asyncio.Semaphore(100)
@@ -387,9 +411,6 @@ async def test_ledger_records_expire_with_retention(
 async def test_works_with_a_decoding_redis_client(
     fake: TwilioFake, sender: TwilioSender, redis_url: str
 ) -> None:
-    from alerting.dispatcher import Dispatcher
-    from tests.alerting.conftest import fast_limiter
-
     client = aredis.Redis.from_url(redis_url, decode_responses=True)
     try:
         clock = FakeClock()
@@ -398,7 +419,9 @@ async def test_works_with_a_decoding_redis_client(
             sender,
             parse_routing(f'[[route]]\nsites = ["*"]\nphones = ["{PHONE_A}"]\n'),
             config=PLAIN,
-            limiter=fast_limiter(),
+            limiter=RedisSendRateLimiter(
+                client, 100_000, 100_000
+            ),  # the admission step's replies decoded too
             clock=clock,
         )
         fake.faults.retry_after = 100
@@ -432,6 +455,25 @@ async def test_redis_rate_limiter_reserves_in_order_across_instances(r: aredis.R
         assert 0.08 <= await g2.reserve_async("+15550000002") <= 0.105  # the global bucket is shared too
     finally:
         await other.aclose()
+
+
+async def test_a_redelivered_alert_takes_no_send_slot(
+    fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory, r: aredis.Redis
+) -> None:
+    # 1 SMS/s per number, burst 2: the first alert takes one slot; its redeliveries (the stream after Pub/Sub, a
+    # restart) find its record in the admission step and must not take the second.
+    routing = parse_routing(f'[[route]]\nsites = ["*"]\nphones = ["{PHONE_A}"]\n')
+    d = make_dispatcher(
+        sender, routing, limiter=RedisSendRateLimiter(r, per_number_rate=1, per_number_burst=2)
+    )
+    a = anomaly(1)
+    assert await d.dispatch(a) is True
+    for _ in range(3):
+        assert await d.dispatch(dict(a)) is True
+    assert fake.accepted_count("plant-7:s-0042:1", PHONE_A) == 1
+    probe = RedisSendRateLimiter(r, per_number_rate=1, per_number_burst=2)
+    assert await probe.reserve_async(PHONE_A) == 0.0  # the second slot of the burst is still free
+    assert await probe.reserve_async(PHONE_A) > 0.5  # and then the bucket is empty: one slot was taken before
 
 
 async def test_two_alerting_processes_share_the_per_number_rate(

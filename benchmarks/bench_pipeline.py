@@ -102,11 +102,12 @@ def main() -> None:
                 "latency_ms",
                 "stages_ms",
                 "slowest",
+                "model_fits",
             )
             sms = report.get("sms", {})
             print(
                 label,
-                {k: report[k] for k in shown},
+                {k: report[k] for k in shown if k in report},
                 "sms:",
                 sms.get("latency_ms"),
                 sms.get("alerting_hop_ms"),

@@ -173,6 +173,21 @@ def wait_for_gauge(port: int, name: str, at_least: float, timeout_s: float = 60.
     return False
 
 
+def metric_sum(port: int, name: str, labels: str = "") -> float | None:
+    """The sum of a crew's metric samples named ``name`` whose label text contains ``labels``; None if unreachable."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    total = 0.0
+    for line in text.splitlines():
+        head, _, value = line.rpartition(" ")
+        if (head == name or head.startswith(name + "{")) and labels in head:
+            total += float(value)
+    return total
+
+
 class StoredTally:
     """Readings in ``wd:readings:v1``, counted incrementally: each :meth:`update` reads only the entries added since
     the last one. (Reading the whole stream on every poll held Redis for ~70 ms per 5,000 entries, over and over,
@@ -477,7 +492,10 @@ def run_load(
                 f"  t={s.elapsed_s:5.1f}s sent={s.readings_sent:,} acked={s.readings_acked:,} unacked_msgs={s.messages_unacked}"
             )
 
+        analytics_port = pipeline.processes["analytics"].metrics_port if pipeline is not None else 0
+        fits_before = metric_sum(analytics_port, "wd_analytics_model_fits_total", 'outcome="ok"')
         stats = publisher.run(fleet, cfg.duration_s, on_progress=on_progress, progress_every_s=5.0)
+        fits_after = metric_sum(analytics_port, "wd_analytics_model_fits_total", 'outcome="ok"')
         stats = publisher.close(drain_timeout_s=30)
         say(f"published {stats.readings_sent:,} readings; waiting for the pipeline to drain")
         t_drain = time.monotonic()
@@ -494,6 +512,9 @@ def run_load(
         # that keeps up drains in about a second; one that falls behind carries its backlog here.
         report["drain_s"] = round(drain_s, 1)
         report["publisher_stalls"] = {"max_s": round(stats.max_stall_s, 3), "over_100ms": stats.stalls}
+        if fits_before is not None and fits_after is not None:
+            # Refits keep models current as data drifts: they must go on under load, not starve.
+            report["model_fits"] = int(fits_after - fits_before)
         if fake is not None:
             time.sleep(2.0)  # the last SMS of the run
             report["sms"] = sms_report(

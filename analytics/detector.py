@@ -44,7 +44,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from analytics._jit import accept_if_normal, push_row, segment_scores, stuck_runs
+from analytics._jit import accept_if_normal, push_row, push_rows, segment_scores, stuck_runs
 from analytics.model import SensorModel, ewma_baselines, forward_fill, median_baselines
 
 __all__ = [
@@ -537,10 +537,12 @@ class SensorDetector:
         if n == 1:
             push_row(self._hist, values[0])
         else:
-            self._hist = _history_update(self._hist, values)
+            push_rows(self._hist, values)
         self._record_levels(n)
-        params = self.model.get_params() if self.model is not None else self.config.model_params
-        alpha_s = float(params.get("slow_alpha", 0.0))
+        if self.model is not None:
+            alpha_s = self.model.slow_alpha
+        else:
+            alpha_s = float(self.config.model_params.get("slow_alpha", 0.0))
         if alpha_s > 0:
             self._slow = _ewma_update(self._slow, values, alpha_s)
 
@@ -771,22 +773,6 @@ class DetectorBank:
                 logger.warning("fit failed for %s:%s", w.site, w.sensor_id, exc_info=True)
                 self.sensor(w.site, w.sensor_id).abandon_refit()
         return len(windows)
-
-
-def _history_update(history: F64, values: F64) -> F64:
-    """The last ``h`` rows of ``history`` followed by ``values`` (forward-filled); a new column starts full."""
-    h = history.shape[0]
-    never = np.isnan(history[-1])
-    if not never.any() and not np.isnan(values).any():  # the common case, without the bookkeeping
-        filled, hist = values, history
-    else:
-        present = ~np.isnan(values)
-        first_row = present.argmax(axis=0)
-        first_val = np.where(present.any(axis=0), values[first_row, np.arange(values.shape[1])], np.nan)
-        hist = np.where(never[None, :], first_val[None, :], history)
-        filled = forward_fill(values, hist[-1])
-    out: F64 = np.concatenate([hist, filled], axis=0)[-h:]
-    return out
 
 
 def _ewma_update(state: F64, values: F64, alpha: float) -> F64:

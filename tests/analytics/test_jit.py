@@ -8,8 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numpy.typing import NDArray
 
-from analytics._jit import median_before, push_row, segment_scores, stuck_runs
-from analytics.detector import _history_update
+from analytics._jit import median_before, push_row, push_rows, segment_scores, stuck_runs
 from analytics.model import SensorModel, forward_fill
 
 METRICS = ["chlorine_mg_l", "flow_m3_h", "ph", "turbidity_ntu"]
@@ -81,6 +80,23 @@ def test_median_before_is_the_median_of_each_window(n: int, h: int, seed: int) -
     np.testing.assert_array_equal(median_before(values, history), want)
 
 
+def _history_update(history: NDArray[np.float64], values: NDArray[np.float64]) -> NDArray[np.float64]:
+    """The reference in numpy: the last ``h`` rows of ``history`` followed by ``values`` (forward-filled); a new
+    column starts full."""
+    h = history.shape[0]
+    never = np.isnan(history[-1])
+    if not never.any() and not np.isnan(values).any():  # the common case, without the bookkeeping
+        filled, hist = values, history
+    else:
+        present = ~np.isnan(values)
+        first_row = present.argmax(axis=0)
+        first_val = np.where(present.any(axis=0), values[first_row, np.arange(values.shape[1])], np.nan)
+        hist = np.where(never[None, :], first_val[None, :], history)
+        filled = forward_fill(values, hist[-1])
+    out: NDArray[np.float64] = np.concatenate([hist, filled], axis=0)[-h:]
+    return out
+
+
 @settings(max_examples=80, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 7))
 def test_push_row_equals_the_history_update(seed: int, rows: int) -> None:
@@ -93,6 +109,21 @@ def test_push_row_equals_the_history_update(seed: int, rows: int) -> None:
     row[3] = np.nan  # missing: keeps its last value
     want = _history_update(hist, row[None, :])
     push_row(hist, row)
+    np.testing.assert_array_equal(hist, want)
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 7), n=st.integers(1, 12))
+def test_push_rows_equals_the_history_update(seed: int, rows: int, n: int) -> None:
+    rng = np.random.default_rng(seed)
+    hist = rng.normal(size=(rows, 5))
+    hist[:, 0] = np.nan  # never seen
+    hist[:, 1] = np.nan  # never seen, and missing in the first rows below
+    values = rng.normal(size=(n, 5))
+    values[: n // 2 + 1, 1] = np.nan
+    values[rng.random(size=(n, 5)) < 0.2] = np.nan  # missing here and there: each keeps its last value
+    want = _history_update(hist, values)
+    push_rows(hist, values)
     np.testing.assert_array_equal(hist, want)
 
 

@@ -177,6 +177,10 @@ class Dispatcher:
             # An operator asked for it again: no folding or throttling, no escalation; its own ledger tag.
             await self.ledger.store_anomaly(alert_id, anomaly_json)
             if not plan.routed:
+                metrics.ALERTS_UNROUTED.inc()  # an operator asked for it: each request counts
+                logger.warning(
+                    "resend of alert %s (site %s, %s) matched no route", alert_id, model.site, model.severity
+                )
                 return True
             results = await asyncio.gather(
                 *(

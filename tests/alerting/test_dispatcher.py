@@ -365,6 +365,9 @@ async def test_unrouted_alerts_are_counted(
     assert await d.dispatch(anomaly(1))
     assert await d.dispatch(anomaly(1))
     assert _count(metrics.ALERTS_UNROUTED) - before == 1
+    # An operator's resend of it is unrouted too, and counted.
+    assert await d.dispatch(anomaly(1, replayed=True, resend=True, replay_id="op-1"))
+    assert _count(metrics.ALERTS_UNROUTED) - before == 2
     assert fake.responses == []
 
 

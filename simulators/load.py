@@ -425,6 +425,13 @@ def run_load(
         publisher.start()
         warm_keys: set[tuple[str, str, int]] = set()
         warm_mark = 0
+
+        def model_fits() -> float | None:
+            # Looked up each time: the warm-up restarts analytics on another port.
+            port = pipeline.processes["analytics"].metrics_port if pipeline is not None else 0
+            return metric_sum(port, "wd_analytics_model_fits_total", 'outcome="ok"')
+
+        fits_before: float | None = None
         if cfg.warmup_readings:
             say(f"warm-up: {cfg.warmup_readings} readings per sensor ({warm_ms / 1000:.0f}s of fleet time)")
             n_sensors = cfg.sites * cfg.sensors
@@ -483,6 +490,9 @@ def run_load(
             # Live publishing before measuring (``lead_in_s``): the sensors whose readings were dropped while the
             # models were fitted come back from a silence (a baseline restart each), and late readings buffered
             # through that wait arrive now. What was sent so far is warm-up (its keys are taken after the run).
+            # The fit count is read here, not at the start of the measured window: building the metrics page holds
+            # the crew's GIL for a moment.
+            fits_before = model_fits()
             publisher.run(fleet, cfg.lead_in_s)
             warm_mark = log.readings_sent
         say(f"publishing {cfg.rate:,.0f} readings/s for {cfg.duration_s:.0f}s (batch {cfg.batch})")
@@ -492,14 +502,14 @@ def run_load(
                 f"  t={s.elapsed_s:5.1f}s sent={s.readings_sent:,} acked={s.readings_acked:,} unacked_msgs={s.messages_unacked}"
             )
 
-        analytics_port = pipeline.processes["analytics"].metrics_port if pipeline is not None else 0
-        fits_before = metric_sum(analytics_port, "wd_analytics_model_fits_total", 'outcome="ok"')
+        if not cfg.warmup_readings:
+            fits_before = model_fits()
         stats = publisher.run(fleet, cfg.duration_s, on_progress=on_progress, progress_every_s=5.0)
-        fits_after = metric_sum(analytics_port, "wd_analytics_model_fits_total", 'outcome="ok"')
         stats = publisher.close(drain_timeout_s=30)
         say(f"published {stats.readings_sent:,} readings; waiting for the pipeline to drain")
         t_drain = time.monotonic()
         drained = wait_drained(r, len(log.acked_keys()), cfg.drain_timeout_s, tally)
+        fits_after = model_fits()  # from the lead-in to the drain
         if warm_mark:
             warm_keys = log.sent_keys(stop=warm_mark)
         drain_s = time.monotonic() - t_drain

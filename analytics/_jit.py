@@ -215,19 +215,8 @@ def push_row(hist: NDArray[np.float64], row: NDArray[np.float64]) -> None:  # pr
 @_compiled("void(f8[:, :], f8[:, :])")
 def push_rows(hist: NDArray[np.float64], rows: NDArray[np.float64]) -> None:  # pragma: no cover - compiled
     """:func:`push_row` for each row of ``rows`` in order (several accepted readings of one sensor at once)."""
-    n_hist = hist.shape[0]
     for r in range(rows.shape[0]):
-        for c in range(rows.shape[1]):
-            v = rows[r, c]
-            last = hist[n_hist - 1, c]
-            if v != v:
-                v = last
-            for i in range(n_hist - 1):
-                hist[i, c] = hist[i + 1, c]
-            hist[n_hist - 1, c] = v
-            if last != last and v == v:
-                for i in range(n_hist - 1):
-                    hist[i, c] = v
+        push_row(hist, rows[r])
 
 
 @_compiled("f8[:, :](f8[:, :], f8[:, :])")

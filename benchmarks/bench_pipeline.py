@@ -15,6 +15,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from typing import Any
 
@@ -31,6 +32,10 @@ CONFIGS = [
 
 def loadavg() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def say(msg: str) -> None:
+    print(time.strftime("%H:%M:%S", time.gmtime()), msg, file=sys.stderr, flush=True)
 
 
 def main() -> None:
@@ -62,6 +67,9 @@ def main() -> None:
         default="",
         help="extra arguments for the analytics crew's measured run, e.g. '--refit-in-thread' (an A/B baseline)",
     )
+    ap.add_argument(
+        "--progress", action="store_true", help="print each phase of a run with the time (UTC) to stderr"
+    )
     args = ap.parse_args()
     configs = CONFIGS
     if args.rate:
@@ -87,7 +95,13 @@ def main() -> None:
                 },
             )  # fmt: skip
             t = time.monotonic()
-            report = run_load(cfg, redis_url=None, mqtt_url=None, self_contained=True)
+            report = run_load(
+                cfg,
+                redis_url=None,
+                mqtt_url=None,
+                self_contained=True,
+                progress=say if args.progress else None,
+            )
             report["problems"] = verdict(report, cfg, strict=True)
             report["wall_s"] = round(time.monotonic() - t, 1)
             report["load"] = loadavg()

@@ -303,11 +303,11 @@ def segment_scores(
 
 @_compiled(
     _signatures(
-        "b1(f8[:], i8[:], intp[:], f8[:, :], i8, f8[:, :], {f}[::1], f4[::1], b1[::1], f8[::1], i8, i8, f8, f8, f8, f4[:, :], i8)"
+        "b1(f8[:, :], i8[:, :], intp[:], f8[:, :], i8, f8[:, :], {f}[::1], f4[::1], b1[::1], f8[::1], i8, i8, f8, f8, f8, f4[:, :], i8)"
     )
 )
 def accept_if_normal(
-    row: NDArray[np.float64],
+    rows: NDArray[np.float64],
     runs: NDArray[np.int64],
     cols: NDArray[np.intp],
     hist: NDArray[np.float64],
@@ -325,48 +325,58 @@ def accept_if_normal(
     buffer: NDArray[np.float32],
     buf_pos: int,
 ) -> bool:  # pragma: no cover - compiled; exercised through SensorDetector
-    """A lone live reading of a sensor whose model uses only fast features (complete forest layout): if it is
-    plainly normal, accept it (ring buffer row ``buf_pos``, baseline history shifted by one) and return True.
+    """Live readings of one sensor, in ``seq`` order, whose model uses only fast features (complete forest
+    layout): if every one is plainly normal, accept them all (ring buffer rows from ``buf_pos``, wrapping; the
+    baseline history shifted by one per row) and return True. Each row is scored against the baseline of the
+    accepted rows before it, those of this call included: exactly what the general path computes for them.
 
-    False, with nothing changed, when it needs the general path: a missing value here or in the baseline, a stuck
-    metric, or a score at or over ``score_threshold``. ``limits`` rows, per model metric: stuck run length,
+    False, with nothing changed, when any row needs the general path: a missing value here or in the baseline, a
+    stuck metric, or a score at or over ``score_threshold``. ``limits`` rows, per model metric: stuck run length,
     saturation floor, saturation ceiling, residual scale, training low - guard, training high + guard, training
     median (see ``SensorModel.compiled_args_``).
     """
+    n = rows.shape[0]
     k = cols.shape[0]
     n_hist = hist.shape[0]
     total = 0.0
     for c in range(k):
-        total += row[cols[c]] + hist[n_hist - 1, cols[c]]
+        total += hist[n_hist - 1, cols[c]]
+    for i in range(n):
+        for c in range(k):
+            total += rows[i, cols[c]]
     if total != total:  # a NaN (missing value) somewhere
         return False
-    for c in range(k):
-        x = row[cols[c]]
-        if runs[cols[c]] >= limits[0, c] and x != limits[1, c] and x != limits[2, c]:
-            return False
-    # Residuals from the median of the last h accepted readings.
-    z = np.empty((1, k), dtype=np.float32)
+    for i in range(n):
+        for c in range(k):
+            x = rows[i, cols[c]]
+            if runs[i, cols[c]] >= limits[0, c] and x != limits[1, c] and x != limits[2, c]:
+                return False
+    # Residuals from the median of the h accepted readings before each row: the history's last h rows, then
+    # this call's earlier rows.
+    z = np.empty((n, k), dtype=np.float32)
+    over = np.zeros(n, dtype=np.float64)
     window = np.empty(h, dtype=np.float64)
-    over = 0.0
     for c in range(k):
         col = cols[c]
-        for i in range(h):
-            _insert(window, i, hist[n_hist - h + i, col])
-        zc = (row[col] - _middle(window, h)) / limits[3, c]
-        z[0, c] = zc
-        over = max(over, zc - limits[5, c], limits[4, c] - zc)
-    if denominator == 0.0:
-        score = 0.5
-    else:
-        score = 2.0 ** -(
-            complete_path_sums(z, feature, threshold, nan_right, leaf_value, n_trees, depth)[0] / denominator
-        )
-    if over > 0.0:
-        score = score + (1.0 - score) * -math.expm1(-over / envelope_scale)
-    if score >= score_threshold:
-        return False
-    # Accept: ring buffer, then the baseline history moves up one row.
-    for c in range(row.shape[0]):
-        buffer[buf_pos, c] = row[c]
-    push_row(hist, row)
+        for i in range(n):
+            for q in range(h):
+                r = i + q
+                _insert(window, q, hist[n_hist - h + r, col] if r < h else rows[r - h, col])
+            zc = (rows[i, col] - _middle(window, h)) / limits[3, c]
+            z[i, c] = zc
+            over[i] = max(over[i], zc - limits[5, c], limits[4, c] - zc)
+    sums = complete_path_sums(z, feature, threshold, nan_right, leaf_value, n_trees, depth)
+    for i in range(n):
+        score = 0.5 if denominator == 0.0 else 2.0 ** -(sums[i] / denominator)
+        if over[i] > 0.0:
+            score = score + (1.0 - score) * -math.expm1(-over[i] / envelope_scale)
+        if score >= score_threshold:
+            return False
+    # Accept: ring buffer, then the baseline history moves up one row per reading.
+    cap = buffer.shape[0]
+    for i in range(n):
+        p = (buf_pos + i) % cap
+        for c in range(rows.shape[1]):
+            buffer[p, c] = rows[i, c]
+        push_row(hist, rows[i])
     return True

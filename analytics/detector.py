@@ -370,12 +370,12 @@ class SensorDetector:
             return out
 
         if (
-            len(rows) == 1
-            and not hard[0]
-            and not gap_rows[0]
-            and self._one_is_normal(values[0], runs[0], model)
+            len(rows) <= min(self.config.max_replay, self.config.window - 1)
+            and not any(hard)
+            and not gap_rows.any()
+            and self._all_normal(values, runs, model)
         ):
-            return []  # the common live case: one normal reading of this sensor in the batch
+            return []  # the common live case: this sensor's few readings in the batch are all normal
 
         mcols = self._model_cols
         mvals = values[:, mcols]
@@ -492,11 +492,12 @@ class SensorDetector:
             last_flag = i
         return out
 
-    def _one_is_normal(self, row: F64, runs: NDArray[np.int64], model: SensorModel) -> bool:
-        """Fast path for a lone reading: score it and, if it is normal, accept it. False: use the general path.
+    def _all_normal(self, values: F64, runs: NDArray[np.int64], model: SensorModel) -> bool:
+        """Fast path for a few live readings: score them and, if every one is normal, accept them all. False: use
+        the general path (nothing changed).
 
-        Gives exactly the general path's result (same baseline, same score) in one compiled call
-        (:func:`analytics._jit.accept_if_normal`); it only skips the bookkeeping that batches, missing values,
+        Gives exactly the general path's result (same baselines, same scores) in one compiled call
+        (:func:`analytics._jit.accept_if_normal`); it only skips the bookkeeping that flags, missing values,
         pending rules and slow features need.
         """
         h = model.baseline_window
@@ -504,14 +505,15 @@ class SensorDetector:
             return False
         args = model.compiled_args_
         if args is None or not accept_if_normal(
-            row, runs, self._model_cols, self._hist, h, *args, self._buffer, self._buf_pos
+            values, runs, self._model_cols, self._hist, h, *args, self._buffer, self._buf_pos
         ):
             return False
+        n = values.shape[0]
         cap = self.config.window
-        self._buf_pos = (self._buf_pos + 1) % cap
-        self._buf_len = min(cap, self._buf_len + 1)
-        self._accepted_since_fit += 1
-        self._record_levels(1)
+        self._buf_pos = (self._buf_pos + n) % cap
+        self._buf_len = min(cap, self._buf_len + n)
+        self._accepted_since_fit += n
+        self._record_levels(n)
         self.consecutive_flags = 0
         return True
 

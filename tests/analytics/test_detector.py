@@ -183,7 +183,7 @@ def test_batch_and_one_by_one_processing_agree() -> None:
         tail[i]["metrics"]["turbidity_ntu"] = 0.6
     results = []
     states = []
-    for batch_size in (1, 7, 300):
+    for batch_size in (1, 2, 7, 300):
         bank = DetectorBank(config())
         bank.process(warm)
         bank.refit_due_now()
@@ -193,9 +193,9 @@ def test_batch_and_one_by_one_processing_agree() -> None:
         results.append([(a["seq"], a["rule"], a["score"]) for a in got])
         det = bank.sensor(s.site, s.sensor_id)
         states.append((det._hist.copy(), det._buffer.copy(), det._last.copy(), det._run.copy(), det._buf_pos))
-    assert results[0] == results[1] == results[2]
-    # One at a time takes the compiled lone-reading path; batches take the general one: same baselines, same
-    # training window, same stuck-run state.
+    assert results[0] == results[1] == results[2] == results[3]
+    # A few normal readings at a time take the compiled path; a batch with a flagged reading takes the general
+    # one: same baselines, same training window, same stuck-run state.
     for other in states[1:]:
         for a, b in zip(states[0], other, strict=True):
             np.testing.assert_array_equal(a, b)
@@ -203,6 +203,38 @@ def test_batch_and_one_by_one_processing_agree() -> None:
     assert {tail[i]["seq"] for i in (30, 31, 32, 90, 200)} <= seqs
     assert {tail[i]["seq"] for i in range(150, 170)} <= seqs, "a level shift alerts while it lasts"
     assert len(seqs) <= 5 + 20 + 2
+
+
+def test_a_sensors_few_normal_readings_are_accepted_in_one_compiled_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import analytics.detector as detector_module
+
+    s = Sensor(seed=8)
+    bank = warmed_bank(s)
+    det = bank.sensor(s.site, s.sensor_id)
+    general: list[int] = []
+    real = detector_module.segment_scores
+
+    def spy(values: Any, *args: Any) -> Any:
+        general.append(len(values))
+        return real(values, *args)
+
+    monkeypatch.setattr(detector_module, "segment_scores", spy)
+    seen, pos = det.readings_seen, det._buf_pos
+    for _ in range(20):  # a gateway's batch: two readings of this sensor at a time
+        assert bank.process(s.readings(2)) == []
+    assert general == []  # never the general path
+    assert det.readings_seen == seen + 40 and det._buf_pos == (pos + 40) % det.config.window
+    pair = s.readings(2)
+    pair[1]["metrics"]["chlorine_mg_l"] = 2.5
+    out = bank.process(pair)
+    assert [a["seq"] for a in out] == [pair[1]["seq"]]  # flagged by the general path, which scored the pair
+    assert general and general[0] == 2
+    general.clear()
+    too_many = s.readings(det.config.max_replay + 1)  # a backlog: the general path, in segments
+    assert bank.process(too_many) == []
+    assert general
 
 
 def test_level_shift_that_persists_is_rebaselined() -> None:

@@ -36,7 +36,9 @@ Baselines (what a jump is measured from: the median of the sensor's last few acc
 
 from __future__ import annotations
 
+import bisect
 import logging
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -154,7 +156,9 @@ class SensorDetector:
         self.readings_seen = 0
         self.consecutive_flags = 0
         self._last_ts: int | None = None
-        self._deltas: list[int] = []  # recent intervals between readings (ms), for the gap rule
+        # Recent intervals between readings (ms), for the gap rule: in arrival order and sorted (for the median).
+        self._deltas: deque[int] = deque()
+        self._deltas_sorted: list[int] = []
         self._return_pending: tuple[F64, NDArray[np.bool_]] | None = None
         self._refit_in_flight = False
         self._accepted_since_fit = 0
@@ -274,10 +278,12 @@ class SensorDetector:
 
     def _matrix(self, readings: Sequence[Mapping[str, Any]]) -> F64:
         """Metric values in registry columns, NaN where missing."""
+        known = self._columns.keys()
         for r in readings:
-            for name in r["metrics"]:
-                if name not in self._columns:
-                    self._column(name)
+            if not r["metrics"].keys() <= known:
+                for name in r["metrics"]:
+                    if name not in self._columns:
+                        self._column(name)
         out = np.full((len(readings), self._buffer.shape[1]), np.nan)
         cols = self._columns
         for i, r in enumerate(readings):
@@ -372,7 +378,7 @@ class SensorDetector:
         if (
             len(rows) <= min(self.config.max_replay, self.config.window - 1)
             and not any(hard)
-            and not gap_rows.any()
+            and True not in gap_rows
             and self._all_normal(values, runs, model)
         ):
             return []  # the common live case: this sensor's few readings in the batch are all normal
@@ -548,20 +554,22 @@ class SensorDetector:
         if alpha_s > 0:
             self._slow = _ewma_update(self._slow, values, alpha_s)
 
-    def _gap_rows(self, ts: list[int]) -> NDArray[np.bool_]:
+    def _gap_rows(self, ts: list[int]) -> list[bool]:
         """Which rows come after a silence (see ``gap_factor``); also tracks the typical interval."""
-        out = np.zeros(len(ts), dtype=np.bool_)
+        out = [False] * len(ts)
         prev = self._last_ts
+        deltas, ordered = self._deltas, self._deltas_sorted
+        factor = self.config.gap_factor
         for i, t in enumerate(ts):
             if prev is not None:
                 delta = t - prev
-                if len(self._deltas) >= 8:
-                    typical = sorted(self._deltas)[len(self._deltas) // 2]
-                    out[i] = delta > self.config.gap_factor * max(typical, 1)
-                if delta > 0 and not out[i]:
-                    self._deltas.append(delta)
-                    if len(self._deltas) > 32:
-                        del self._deltas[0]
+                if len(deltas) >= 8 and delta > factor * max(ordered[len(ordered) // 2], 1):
+                    out[i] = True
+                elif delta > 0:
+                    deltas.append(delta)
+                    bisect.insort(ordered, delta)
+                    if len(deltas) > 32:
+                        del ordered[bisect.bisect_left(ordered, deltas.popleft())]
             prev = t if prev is None else max(prev, t)
         self._last_ts = prev
         return out

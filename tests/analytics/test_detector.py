@@ -394,3 +394,43 @@ def test_missing_metrics_and_new_metric_names() -> None:
 def test_config_validation() -> None:
     with pytest.raises(ValueError):
         DetectorConfig(warmup=500, window=100)
+
+
+def _gap_rows_reference(det: SensorDetector, deltas: list[int], ts: list[int]) -> list[bool]:
+    """The gap rule as first written: the median interval sorted afresh for every reading."""
+    out = [False] * len(ts)
+    prev = det._last_ts
+    for i, t in enumerate(ts):
+        if prev is not None:
+            delta = t - prev
+            if len(deltas) >= 8:
+                typical = sorted(deltas)[len(deltas) // 2]
+                out[i] = delta > det.config.gap_factor * max(typical, 1)
+            if delta > 0 and not out[i]:
+                deltas.append(delta)
+                if len(deltas) > 32:
+                    del deltas[0]
+        prev = t if prev is None else max(prev, t)
+    det._last_ts = prev
+    return out
+
+
+def test_the_gap_rule_keeps_its_median_interval_incrementally() -> None:
+    rng = np.random.default_rng(3)
+    fast, slow = SensorDetector("p", "s", config()), SensorDetector("p", "s", config())
+    deltas: list[int] = []
+    t = T0
+    flagged = 0
+    for _ in range(300):
+        ts = []
+        for _ in range(int(rng.integers(1, 6))):
+            step = int(
+                rng.choice([10_000, 10_000, 9_000, 12_000, 0, -5_000, 200_000])
+            )  # repeats, late, silences
+            t += step
+            ts.append(t)
+        got = fast._gap_rows(ts)
+        assert got == _gap_rows_reference(slow, deltas, ts)
+        flagged += sum(got)
+        assert list(fast._deltas) == deltas and fast._deltas_sorted == sorted(deltas)
+    assert 8 <= len(deltas) <= 32 and flagged > 10

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from analytics._jit import complete_path_sums, sparse_path_sums
+from analytics._jit import complete_path_sums, place_complete_tree, sparse_path_sums
 
 __all__ = ["CompiledForest", "average_path_length"]
 
@@ -338,30 +338,29 @@ def _compile_complete(
 ) -> dict[str, NDArray[Any]]:
     t = len(structs)
     n_internal = t * ((1 << depth) - 1)
-    feature = np.zeros(n_internal, dtype=np.intp)
+    feature = np.zeros(n_internal, dtype=np.int64)
     threshold = np.full(
         n_internal, np.inf, dtype=np.float32
     )  # padded nodes: always "left" (x > inf is False)
     nan_right = np.zeros(n_internal, dtype=np.bool_)
     leaf_value = np.zeros(t << depth, dtype=np.float64)
     for ti, (s, fmap) in enumerate(zip(structs, feature_maps, strict=True)):
-        left, right = s.children_left, s.children_right
-        feat, thr32, go_left = s.feature, _floor_float32(s.threshold), s.missing_go_to_left
-        contribution = _leaf_contributions(s)
-        stack = [(0, 0, 0)]  # (node, level, position within the level of this tree)
-        while stack:
-            node, level, p = stack.pop()
-            if left[node] == _TREE_LEAF:
-                span = 1 << (depth - level)
-                start = (ti << depth) + p * span
-                leaf_value[start : start + span] = contribution[node]
-                continue
-            slot = t * ((1 << level) - 1) + (ti << level) + p
-            feature[slot] = fmap[feat[node]]
-            threshold[slot] = thr32[node]
-            nan_right[slot] = not go_left[node]
-            stack.append((left[node], level + 1, 2 * p))
-            stack.append((right[node], level + 1, 2 * p + 1))
+        place_complete_tree(
+            np.asarray(s.children_left, dtype=np.int64),
+            np.asarray(s.children_right, dtype=np.int64),
+            np.asarray(s.feature, dtype=np.int64),
+            _floor_float32(s.threshold),
+            np.asarray(s.missing_go_to_left, dtype=np.uint8),
+            average_path_length(s.n_node_samples),
+            np.asarray(fmap, dtype=np.int64),
+            ti,
+            t,
+            depth,
+            feature,
+            threshold,
+            nan_right,
+            leaf_value,
+        )
     return {"feature": feature, "threshold": threshold, "nan_right": nan_right, "leaf_value": leaf_value}
 
 

@@ -277,3 +277,17 @@ def test_property_equals_sklearn(
     forest = CompiledForest.from_sklearn(est, layout=layout)
     np.testing.assert_allclose(forest.score(X), reference(est, X), rtol=0, atol=TOL)
     assert abs(forest.score_one(X[0]) - reference(est, X[:1])[0]) <= TOL
+
+
+def test_a_training_window_scored_at_once_equals_scoring_it_in_small_batches() -> None:
+    """From 256 rows the complete layout is walked tree by tree: the sums must be the same, bit for bit."""
+    X_train = gaussian(2000, 6, seed=21)
+    est = IsolationForest(n_estimators=100, random_state=21).fit(X_train)
+    forest = CompiledForest.from_sklearn(est, layout="complete")
+    X = np.vstack([X_train, gaussian(500, 6, seed=22) * 4])
+    X[::7, 3] = np.nan
+    X[::11, 0] = np.inf
+    whole = forest.score(X)
+    pieces = np.concatenate([forest.score(X[i : i + 7]) for i in range(0, len(X), 7)])
+    np.testing.assert_array_equal(whole, pieces)
+    np.testing.assert_allclose(whole, reference(est, X), rtol=0, atol=TOL)

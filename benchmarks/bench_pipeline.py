@@ -112,6 +112,7 @@ def main() -> None:
                 "duplicated",
                 "drain_s",
                 "publisher_stalls",
+                "received_ms",
                 "stored_ms",
                 "latency_ms",
                 "stages_ms",

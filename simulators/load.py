@@ -130,9 +130,12 @@ def read_stream(r: redis.Redis, stream: str, chunk: int = 5000, start: str = "-"
 
 
 def stored_counts(
-    r: redis.Redis, first_stored_ms: dict[tuple[str, str, int], int] | None = None
+    r: redis.Redis,
+    first_stored_ms: dict[tuple[str, str, int], int] | None = None,
+    received_ms: dict[tuple[str, str, int], int] | None = None,
 ) -> Counter[tuple[str, str, int]]:
-    """How often each reading is in ``wd:readings:v1``; fills ``first_stored_ms`` (entry id time) if given."""
+    """How often each reading is in ``wd:readings:v1``; fills ``first_stored_ms`` (entry id time) and
+    ``received_ms`` (when ingest took the message from the broker, by its clock) if given."""
     counts: Counter[tuple[str, str, int]] = Counter()
     for entry_id, payload in read_stream(r, keys.READINGS):
         at = int(entry_id.split("-", 1)[0]) if first_stored_ms is not None else 0
@@ -141,6 +144,8 @@ def stored_counts(
             counts[key] += 1
             if first_stored_ms is not None:
                 first_stored_ms.setdefault(key, at)
+            if received_ms is not None and "received_ms" in reading:
+                received_ms.setdefault(key, reading["received_ms"])
     return counts
 
 
@@ -235,7 +240,8 @@ def build_report(
     """The contract's report. ``exclude`` (warm-up readings) counts for loss and duplicates only."""
     warm = exclude or set()
     stored_at: dict[tuple[str, str, int], int] = {}
-    counts = stored_counts(r, stored_at)
+    received_at: dict[tuple[str, str, int], int] = {}
+    counts = stored_counts(r, stored_at, received_at)
     all_acked = log.acked_keys()
     all_sent = log.sent_keys()
     acked_keys = all_acked - warm
@@ -247,6 +253,9 @@ def build_report(
     labels = log.labels()
     # Publish -> stored for every reading of the measured run (not only those that raised an anomaly).
     store_delays = [stored_at[k] - publish_ms[k] for k in acked_keys if k in stored_at and k in publish_ms]
+    receive_delays = [
+        received_at[k] - publish_ms[k] for k in acked_keys if k in received_at and k in publish_ms
+    ]
 
     all_anomalies = [orjson.loads(p) for _i, p in read_stream(r, keys.ANOMALIES)]
     duplicate_alerts = sum(c - 1 for c in Counter(a["alert_id"] for a in all_anomalies).values() if c > 1)
@@ -257,7 +266,8 @@ def build_report(
     # (latency, alert id, rule, ms after the run's first publish, stages) of every anomaly, for the five slowest
     slowest: list[tuple[float, str, str, float, tuple[float, ...]]] = []
     t0 = min((publish_ms[k] for k in sent_keys if k in publish_ms), default=0.0)
-    stages: dict[str, list[float]] = {"stored": [], "scoring": [], "pubsub": []}
+    # "received" (publish -> ingest took the message from the broker, by ingest's clock) is part of "stored".
+    stages: dict[str, list[float]] = {"received": [], "stored": [], "scoring": [], "pubsub": []}
     detected_labels: Counter[str] = Counter()
     false_alerts = 0
     for a in anomalies:
@@ -277,8 +287,14 @@ def build_report(
             # stored -> its scoring batch started (``detected_ms``), and batch start -> arrival on Pub/Sub.
             stored_ms = _entry_ms(a.get("reading_entry_id"))
             split: tuple[float, ...] = ()
-            if stored_ms is not None and "detected_ms" in a and a["alert_id"] in arrivals:
+            if (
+                stored_ms is not None
+                and "detected_ms" in a
+                and a["alert_id"] in arrivals
+                and key in received_at
+            ):
                 split = (
+                    received_at[key] - t_pub,
                     stored_ms - t_pub,
                     a["detected_ms"] - stored_ms,
                     arrivals[a["alert_id"]] - a["detected_ms"],
@@ -323,10 +339,17 @@ def build_report(
         "slowest": [
             {
                 "ms": round(ms), "alert_id": aid, "rule": rule, "at_s": round(at / 1000, 1),
+                "published": time.strftime("%H:%M:%S", time.gmtime((t0 + at) / 1000)) + f".{int(t0 + at) % 1000:03d}",
                 "stages_ms": dict(zip(stages, (round(x) for x in split), strict=True)) if split else None,
             }
             for ms, aid, rule, at, split in sorted(slowest, reverse=True)[:5]
         ],
+        # Publish -> ingest took the message from the broker (publisher, broker and ingest's MQTT thread).
+        "received_ms": {
+            "p50": percentile(receive_delays, 0.50),
+            "p99": percentile(receive_delays, 0.99),
+            "max": max(receive_delays, default=None),
+        },
         "stored_ms": {
             "p50": percentile(store_delays, 0.50),
             "p99": percentile(store_delays, 0.99),

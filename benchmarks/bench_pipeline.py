@@ -118,6 +118,7 @@ def main() -> None:
                 "stages_ms",
                 "slowest",
                 "model_fits",
+                "redis_stalls",
             )
             sms = report.get("sms", {})
             print(

@@ -372,6 +372,35 @@ def build_report(
     }  # fmt: skip
 
 
+#: The embedded server's ``latency-monitor-threshold`` during a self-contained run.
+REDIS_LATENCY_THRESHOLD_MS = 5
+
+
+def redis_stalls(r: redis.Redis, since_s: float) -> dict[str, dict[str, Any]]:
+    """Redis's own latency events (``LATENCY HISTORY``: fork, aof-write, command, ...) since ``since_s`` (epoch s):
+    per event, how many and the longest in ms, and the UTC times of the longest three."""
+    out: dict[str, dict[str, Any]] = {}
+    for row in r.latency_latest() or []:
+        event = row[0].decode() if isinstance(row[0], bytes) else str(row[0])
+        samples = [(int(at), int(ms)) for at, ms in r.latency_history(event) if int(at) >= since_s]
+        if samples:
+            worst = sorted(samples, key=lambda s: -s[1])[:3]
+            out[event] = {
+                "count": len(samples),
+                "max_ms": max(ms for _at, ms in samples),
+                "worst_at": [f"{time.strftime('%H:%M:%S', time.gmtime(at))} {ms} ms" for at, ms in worst],
+            }
+    return out
+
+
+def _copy_logs(tmp: Path, dest: Path) -> None:
+    """The crews' logs (``logs/``) and the embedded servers' (``<server>/<server>.log``) into ``dest``."""
+    shutil.copytree(tmp / "logs", dest, dirs_exist_ok=True)
+    for log in tmp.glob("*/*.log"):
+        if log.parent.name != "logs":
+            shutil.copy2(log, dest / log.name)
+
+
 def _entry_ms(entry_id: str | None) -> int | None:
     """The millisecond part of a stream entry id (``"1718000000000-3"``), or None."""
     if not entry_id:
@@ -423,8 +452,10 @@ def run_load(
                 extra_env=extra_env,
             )
             keep_logs = os.environ.get("WD_LOAD_LOGS")
-            if keep_logs:  # copy the crews' logs out of the temporary folder when the run ends
-                stack.callback(shutil.copytree, tmp / "logs", keep_logs, dirs_exist_ok=True)
+            if (
+                keep_logs
+            ):  # copy the crews' and the servers' logs out of the temporary folder when the run ends
+                stack.callback(_copy_logs, tmp, Path(keep_logs))
             stack.callback(pipeline.stop)
             pipeline.start()
             say(f"started private servers ({pipeline.redis_url}, {pipeline.mqtt_url}) and crews")
@@ -434,6 +465,8 @@ def run_load(
             raise ValueError("load needs WD_REDIS_URL and WD_MQTT_URL, or --self-contained")
         r = redis.Redis.from_url(redis_url)
         stack.callback(r.close)
+        if self_contained:  # our own server: record its stalls of 5 ms or more (LATENCY HISTORY, per event)
+            r.config_set("latency-monitor-threshold", REDIS_LATENCY_THRESHOLD_MS)
         listener = AlertListener(redis_url, tmp)
         stack.callback(listener.close)
         interval_s = cfg.sites * cfg.sensors / cfg.rate
@@ -527,6 +560,7 @@ def run_load(
 
         if not cfg.warmup_readings:
             fits_before = model_fits()
+        measured_from_s = time.time()
         stats = publisher.run(fleet, cfg.duration_s, on_progress=on_progress, progress_every_s=5.0)
         stats = publisher.close(drain_timeout_s=30)
         say(f"published {stats.readings_sent:,} readings; waiting for the pipeline to drain")
@@ -540,6 +574,8 @@ def run_load(
         time.sleep(1.0)  # let the last Pub/Sub alerts arrive
         arrivals = listener.collect()
         report = build_report(cfg, stats, log, r, arrivals, exclude=warm_keys)
+        if self_contained:
+            report["redis_stalls"] = redis_stalls(r, measured_from_s)
         report["drained"] = drained
         # Seconds from the last publish until analytics had scored everything (polled every 50 ms): a pipeline
         # that keeps up drains in about a second; one that falls behind carries its backlog here.

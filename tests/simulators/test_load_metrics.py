@@ -28,3 +28,70 @@ def test_metric_sum_adds_the_matching_labelled_samples_only() -> None:
         server.server_close()
         thread.join(5)
     assert metric_sum(port, "wd_analytics_model_fits_total") is None  # nothing answers: unknown, not zero
+
+
+def test_stored_counts_reports_duplicates_and_the_first_store_and_receipt_of_each_reading(
+    redis_only_url: str,
+) -> None:
+    import orjson
+    import redis
+
+    from handoff import keys
+    from simulators.load import stored_counts
+
+    def reading(seq: int, received_ms: int) -> dict[str, object]:
+        return {
+            "site": "p",
+            "sensor_id": "s",
+            "seq": seq,
+            "ts_ms": 1,
+            "received_ms": received_ms,
+            "metrics": {},
+        }
+
+    r = redis.Redis.from_url(redis_only_url)
+    try:
+        r.delete(keys.READINGS)
+        first = r.xadd(
+            keys.READINGS, {"payload": orjson.dumps({"readings": [reading(1, 100), reading(2, 100)]})}
+        )
+        second = r.xadd(keys.READINGS, {"payload": orjson.dumps({"readings": [reading(2, 250)]})})
+        stored_ms: dict[tuple[str, str, int], int] = {}
+        received_ms: dict[tuple[str, str, int], int] = {}
+        counts = stored_counts(r, stored_ms, received_ms)
+    finally:
+        r.delete(keys.READINGS)
+        r.close()
+    assert counts == {("p", "s", 1): 1, ("p", "s", 2): 2}
+    entry_ms = int((first.decode() if isinstance(first, bytes) else first).split("-")[0])
+    assert stored_ms == {("p", "s", 1): entry_ms, ("p", "s", 2): entry_ms}  # the first copy's entry id time
+    assert int((second.decode() if isinstance(second, bytes) else second).split("-")[0]) >= entry_ms
+    assert received_ms == {("p", "s", 1): 100, ("p", "s", 2): 100}  # when ingest first took it
+
+
+def test_redis_stalls_reports_the_servers_own_latency_events_since_a_moment(redis_only_url: str) -> None:
+    import time
+
+    import redis
+
+    from simulators.load import redis_stalls
+
+    r = redis.Redis.from_url(redis_only_url)
+    spin = (
+        "local t = redis.call('TIME'); local t0 = t[1] * 1e6 + t[2]; "
+        "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - t0 > 30000"
+    )
+    try:
+        r.config_set("latency-monitor-threshold", 5)
+        r.latency_reset()
+        since = time.time() - 1
+        r.eval(spin, 0)  # the server is busy for 30 ms: a "command" event
+        stalls = redis_stalls(r, since)
+        later = redis_stalls(r, time.time() + 5)  # nothing happened after that moment
+    finally:
+        r.config_set("latency-monitor-threshold", 0)
+        r.latency_reset()
+        r.close()
+    assert stalls["command"]["count"] == 1
+    assert stalls["command"]["max_ms"] >= 30
+    assert later == {}

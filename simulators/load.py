@@ -376,13 +376,17 @@ def build_report(
 REDIS_LATENCY_THRESHOLD_MS = 5
 
 
-def redis_stalls(r: redis.Redis, since_s: float) -> dict[str, dict[str, Any]]:
-    """Redis's own latency events (``LATENCY HISTORY``: fork, aof-write, command, ...) since ``since_s`` (epoch s):
-    per event, how many and the longest in ms, and the UTC times of the longest three."""
+def redis_stalls(r: redis.Redis, since_s: float, until_s: float | None = None) -> dict[str, dict[str, Any]]:
+    """Redis's own latency events (``LATENCY HISTORY``: fork, aof-write, command, ...) from ``since_s`` to
+    ``until_s`` (epoch s, whole seconds as the server records them): per event, how many and the longest in ms, and
+    the UTC times of the longest three."""
     out: dict[str, dict[str, Any]] = {}
+    last = math.inf if until_s is None else until_s
     for row in r.latency_latest() or []:
         event = row[0].decode() if isinstance(row[0], bytes) else str(row[0])
-        samples = [(int(at), int(ms)) for at, ms in r.latency_history(event) if int(at) >= since_s]
+        samples = [
+            (int(at), int(ms)) for at, ms in r.latency_history(event) if int(since_s) <= int(at) <= last
+        ]
         if samples:
             worst = sorted(samples, key=lambda s: -s[1])[:3]
             out[event] = {
@@ -573,9 +577,10 @@ def run_load(
         say(f"drained in {drain_s:.1f}s" if drained else "NOT drained")
         time.sleep(1.0)  # let the last Pub/Sub alerts arrive
         arrivals = listener.collect()
+        measured_until_s = time.time()  # before the report reads the whole streams (a stall of its own)
         report = build_report(cfg, stats, log, r, arrivals, exclude=warm_keys)
         if self_contained:
-            report["redis_stalls"] = redis_stalls(r, measured_from_s)
+            report["redis_stalls"] = redis_stalls(r, measured_from_s, measured_until_s)
         report["drained"] = drained
         # Seconds from the last publish until analytics had scored everything (polled every 50 ms): a pipeline
         # that keeps up drains in about a second; one that falls behind carries its backlog here.

@@ -88,6 +88,7 @@ def test_redis_stalls_reports_the_servers_own_latency_events_since_a_moment(redi
         r.eval(spin, 0)  # the server is busy for 30 ms: a "command" event
         stalls = redis_stalls(r, since)
         later = redis_stalls(r, time.time() + 5)  # nothing happened after that moment
+        before = redis_stalls(r, since - 10, since - 5)  # nor before
     finally:
         r.config_set("latency-monitor-threshold", 0)
         r.latency_reset()
@@ -95,3 +96,4 @@ def test_redis_stalls_reports_the_servers_own_latency_events_since_a_moment(redi
     assert stalls["command"]["count"] == 1
     assert stalls["command"]["max_ms"] >= 30
     assert later == {}
+    assert before == {}

@@ -456,9 +456,8 @@ def run_load(
                 extra_env=extra_env,
             )
             keep_logs = os.environ.get("WD_LOAD_LOGS")
-            if (
-                keep_logs
-            ):  # copy the crews' and the servers' logs out of the temporary folder when the run ends
+            # Copy the crews' and the servers' logs out of the temporary folder when the run ends.
+            if keep_logs:
                 stack.callback(_copy_logs, tmp, Path(keep_logs))
             stack.callback(pipeline.stop)
             pipeline.start()

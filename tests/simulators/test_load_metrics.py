@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
+import orjson
+import redis
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
-from simulators.load import metric_sum
+from handoff import keys
+from simulators.load import _entry_ms, metric_sum, redis_stalls, stored_counts
 from waterdoctor.embedded import free_port
 
 
@@ -30,15 +35,13 @@ def test_metric_sum_adds_the_matching_labelled_samples_only() -> None:
     assert metric_sum(port, "wd_analytics_model_fits_total") is None  # nothing answers: unknown, not zero
 
 
+def as_text(entry_id: bytes | str) -> str:
+    return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+
+
 def test_stored_counts_reports_duplicates_and_the_first_store_and_receipt_of_each_reading(
     redis_only_url: str,
 ) -> None:
-    import orjson
-    import redis
-
-    from handoff import keys
-    from simulators.load import stored_counts
-
     def reading(seq: int, received_ms: int) -> dict[str, object]:
         return {
             "site": "p",
@@ -63,19 +66,14 @@ def test_stored_counts_reports_duplicates_and_the_first_store_and_receipt_of_eac
         r.delete(keys.READINGS)
         r.close()
     assert counts == {("p", "s", 1): 1, ("p", "s", 2): 2}
-    entry_ms = int((first.decode() if isinstance(first, bytes) else first).split("-")[0])
+    entry_ms = _entry_ms(as_text(first))
+    assert entry_ms is not None
     assert stored_ms == {("p", "s", 1): entry_ms, ("p", "s", 2): entry_ms}  # the first copy's entry id time
-    assert int((second.decode() if isinstance(second, bytes) else second).split("-")[0]) >= entry_ms
+    assert (_entry_ms(as_text(second)) or 0) >= entry_ms
     assert received_ms == {("p", "s", 1): 100, ("p", "s", 2): 100}  # when ingest first took it
 
 
 def test_redis_stalls_reports_the_servers_own_latency_events_since_a_moment(redis_only_url: str) -> None:
-    import time
-
-    import redis
-
-    from simulators.load import redis_stalls
-
     r = redis.Redis.from_url(redis_only_url)
     spin = (
         "local t = redis.call('TIME'); local t0 = t[1] * 1e6 + t[2]; "

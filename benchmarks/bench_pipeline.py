@@ -119,6 +119,7 @@ def main() -> None:
                 "slowest",
                 "model_fits",
                 "redis_stalls",
+                "slow_commands",
             )
             sms = report.get("sms", {})
             print(

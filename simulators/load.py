@@ -374,6 +374,8 @@ def build_report(
 
 #: The embedded server's ``latency-monitor-threshold`` during a self-contained run.
 REDIS_LATENCY_THRESHOLD_MS = 5
+#: Slow-log entries kept by a self-contained run's server (``slowlog-max-len``), read back by :func:`slow_commands`.
+SLOWLOG_KEPT = 1024
 
 
 def redis_stalls(r: redis.Redis, since_s: float, until_s: float | None = None) -> dict[str, dict[str, Any]]:
@@ -394,6 +396,35 @@ def redis_stalls(r: redis.Redis, since_s: float, until_s: float | None = None) -
                 "max_ms": max(ms for _at, ms in samples),
                 "worst_at": [f"{time.strftime('%H:%M:%S', time.gmtime(at))} {ms} ms" for at, ms in worst],
             }
+    return out
+
+
+def slow_commands(r: redis.Redis, since_s: float, until_s: float | None = None) -> dict[str, dict[str, Any]]:
+    """Which commands made the server's ``command`` stalls: ``SLOWLOG`` entries from ``since_s`` to ``until_s``
+    (epoch s), per command name and client name (for a script, the start of its sha), how many and the longest in
+    ms, with the UTC time of the longest."""
+    last = math.inf if until_s is None else until_s
+    out: dict[str, dict[str, Any]] = {}
+    for row in r.slowlog_get(SLOWLOG_KEPT):
+        at, us = int(row["start_time"]), int(row["duration"])
+        if not int(since_s) <= at <= last:
+            continue
+        words = [
+            w.decode(errors="replace") if isinstance(w, bytes) else str(w) for w in row["command"].split()[:2]
+        ]
+        name = words[0].upper() if words else "?"
+        if name in ("EVALSHA", "EVAL", "FCALL") and len(words) > 1:
+            name = f"{name} {words[1][:12]}"
+        client = row.get("client_name") or b""
+        client = client.decode(errors="replace") if isinstance(client, bytes) else str(client)
+        if client:
+            name = f"{name} ({client})"
+        ms = round(us / 1000, 1)
+        stat = out.setdefault(name, {"count": 0, "max_ms": 0.0, "worst_at": ""})
+        stat["count"] += 1
+        if ms > stat["max_ms"]:
+            stat["max_ms"] = ms
+            stat["worst_at"] = time.strftime("%H:%M:%S", time.gmtime(at))
     return out
 
 
@@ -470,6 +501,9 @@ def run_load(
         stack.callback(r.close)
         if self_contained:  # our own server: record its stalls of 5 ms or more (LATENCY HISTORY, per event)
             r.config_set("latency-monitor-threshold", REDIS_LATENCY_THRESHOLD_MS)
+            # ... and which commands they were (the slow log's threshold is in microseconds)
+            r.config_set("slowlog-log-slower-than", REDIS_LATENCY_THRESHOLD_MS * 1000)
+            r.config_set("slowlog-max-len", SLOWLOG_KEPT)
         listener = AlertListener(redis_url, tmp)
         stack.callback(listener.close)
         interval_s = cfg.sites * cfg.sensors / cfg.rate
@@ -580,6 +614,7 @@ def run_load(
         report = build_report(cfg, stats, log, r, arrivals, exclude=warm_keys)
         if self_contained:
             report["redis_stalls"] = redis_stalls(r, measured_from_s, measured_until_s)
+            report["slow_commands"] = slow_commands(r, measured_from_s, measured_until_s)
         report["drained"] = drained
         # Seconds from the last publish until analytics had scored everything (polled every 50 ms): a pipeline
         # that keeps up drains in about a second; one that falls behind carries its backlog here.

@@ -9,7 +9,7 @@ import redis
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
 from handoff import keys
-from simulators.load import _entry_ms, metric_sum, redis_stalls, stored_counts
+from simulators.load import _entry_ms, metric_sum, redis_stalls, slow_commands, stored_counts
 from waterdoctor.embedded import free_port
 
 
@@ -95,3 +95,27 @@ def test_redis_stalls_reports_the_servers_own_latency_events_since_a_moment(redi
     assert stalls["command"]["max_ms"] >= 30
     assert later == {}
     assert before == {}
+
+
+def test_slow_commands_names_the_command_and_client_of_each_slow_call(redis_only_url: str) -> None:
+    r = redis.Redis.from_url(redis_only_url, client_name="wd-test-slow")
+    spin = (
+        "local t = redis.call('TIME'); local t0 = t[1] * 1e6 + t[2]; "
+        "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - t0 > 20000"
+    )
+    try:
+        r.config_set("slowlog-log-slower-than", 5000)
+        r.slowlog_reset()
+        since = time.time() - 1
+        r.eval(spin, 0)  # 20 ms
+        r.ping()  # fast: not logged
+        slow = slow_commands(r, since)
+        later = slow_commands(r, time.time() + 5)
+    finally:
+        r.config_set("slowlog-log-slower-than", 10000)
+        r.slowlog_reset()
+        r.close()
+    assert list(slow) == ["EVAL local (wd-test-slow)"]
+    assert slow["EVAL local (wd-test-slow)"]["count"] == 1
+    assert slow["EVAL local (wd-test-slow)"]["max_ms"] >= 20
+    assert later == {}

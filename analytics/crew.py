@@ -23,13 +23,10 @@ import asyncio
 import contextlib
 import functools
 import logging
-import multiprocessing
-import os
-import threading
 import time
 import traceback
 from collections.abc import Mapping, Sequence
-from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -39,6 +36,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from redis.exceptions import RedisError
 
 from analytics.detector import DetectorBank, DetectorConfig, TrainingWindow, fit_model
+from analytics.fitproc import fit_process_pool
 from analytics.model import SensorModel
 from analytics.registry import ModelRegistry, generation_of
 from handoff import keys, runloop
@@ -247,13 +245,7 @@ class AnalyticsHandler:
             if self.config.refit_in == "thread":
                 self._executor = ThreadPoolExecutor(workers, thread_name_prefix="refit")
             else:
-                self._executor = ProcessPoolExecutor(
-                    workers,
-                    # spawn, not fork: this process has threads and an event loop that a fork would copy mid-flight.
-                    mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_init_fit_worker,
-                    initargs=(self.config.refit_nice, os.getpid()),
-                )
+                self._executor = fit_process_pool(workers, self.config.refit_nice)
         return self._executor
 
     def _drop_executor(self) -> None:
@@ -318,22 +310,6 @@ class AnalyticsHandler:
 FitResult = tuple[TrainingWindow, SensorModel | None, bytes | None]
 #: What a fit worker sends back: the model and its registry bytes, or the error's traceback.
 ChildResult = tuple[SensorModel | None, bytes | None, str | None]
-
-
-def _init_fit_worker(niceness: int, parent: int) -> None:
-    if niceness > 0:
-        with contextlib.suppress(OSError):
-            os.nice(niceness)
-    # A worker blocks on its task queue, whose write end it holds too: it would outlive a crew killed with
-    # SIGKILL. It leaves as soon as it is orphaned (``parent`` is the crew's pid, passed in: the crew may have died
-    # before this process got here).
-    threading.Thread(target=_exit_when_orphaned, args=(parent,), name="orphan-watch", daemon=True).start()
-
-
-def _exit_when_orphaned(parent: int, every_s: float = 0.5) -> None:
-    while os.getppid() == parent:
-        time.sleep(every_s)
-    os._exit(0)
 
 
 def _fit_in_worker(window: TrainingWindow) -> ChildResult:

@@ -14,7 +14,9 @@ import pytest
 import redis.asyncio as aredis
 
 from analytics.crew import AnalyticsConfig, run_analytics
+from analytics.fitproc import fit_process_pool
 from handoff import keys
+from tests.analytics._probe import heavy_modules_and_priority
 from tests.analytics.test_crew import ROOT, drained, normal_series, push, small_config
 from waterdoctor.embedded import free_port
 
@@ -142,3 +144,12 @@ def test_refit_workers_must_be_positive() -> None:
         from analytics.crew import AnalyticsHandler
 
         AnalyticsHandler(aredis.Redis(), AnalyticsConfig(refit_workers=0))
+
+
+def test_a_fit_process_lowers_its_priority_before_it_imports_the_fitting_libraries() -> None:
+    # Those imports cost seconds of CPU on a cold cache: a crew restarted under load must not run them at the
+    # priority of the crews that are scoring readings.
+    with fit_process_pool(1, 5) as pool:
+        heavy, priority = pool.submit(heavy_modules_and_priority).result(timeout=60)
+    assert heavy == []
+    assert priority == os.getpriority(os.PRIO_PROCESS, 0) + 5

@@ -120,6 +120,7 @@ def main() -> None:
                 "model_fits",
                 "redis_stalls",
                 "slow_commands",
+                "host_speed",
             )
             sms = report.get("sms", {})
             print(

@@ -8,7 +8,10 @@ reads ``wd:readings:v1`` and ``wd:anomalies:v1`` back and reports, without assum
 * ``offered_rate`` (the fleet's nominal rate) and ``achieved_rate`` (readings acknowledged by the broker per second
   of publishing);
 * ``latency_ms`` p50/p95/p99 from a reading's publish to its anomaly arriving on ``wd:alerts:v1``;
-* ``anomalies_injected`` / ``anomalies_detected`` and precision and recall per anomaly class.
+* ``anomalies_injected`` / ``anomalies_detected`` and precision and recall per anomaly class;
+* ``host_speed``: how fast the host ran a fixed piece of work during the measured run against the fastest it ran it
+  in the whole run (:mod:`simulators.hostspeed`), to read latencies by; with ``self_contained`` also the embedded
+  server's own stalls (``redis_stalls``) and the commands of its slow log (``slow_commands``).
 
 With ``self_contained`` it starts private servers and every crew itself (:class:`waterdoctor.supervisor.Pipeline`).
 """
@@ -36,6 +39,7 @@ import redis
 
 from handoff import keys
 from handoff.settings import MqttEndpoint
+from simulators import hostspeed
 from simulators.fleet import ANOMALY_CLASSES, Fleet
 from simulators.publisher import Publisher, PublishLog, PublishStats
 
@@ -81,14 +85,7 @@ class AlertListener:
 
     def __init__(self, url: str, folder: Path) -> None:
         self.out = Path(folder) / "alert-arrivals.tsv"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "simulators.listen", url, str(self.out)], stdout=subprocess.PIPE, text=True
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().strip()
-        if line != "READY":
-            self.close()
-            raise RuntimeError(f"alert listener did not start: {line!r}")
+        self.proc = _start_recorder(["simulators.listen", url, str(self.out)], "alert listener")
 
     def collect(self) -> dict[str, float]:
         """Stop listening and return ``{alert_id: first arrival, epoch ms}``."""
@@ -102,15 +99,44 @@ class AlertListener:
         return arrivals
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        _stop_recorder(self.proc)
+
+
+class HostSpeedMeter:
+    """Samples the host's speed through the run (:mod:`simulators.hostspeed`, a child process)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.out = Path(folder) / "host-speed.tsv"
+        self.proc = _start_recorder(["simulators.hostspeed", str(self.out)], "host speed meter")
+
+    def summary(self, since_s: float, until_s: float) -> dict[str, Any] | None:
+        return hostspeed.summarize(hostspeed.read(self.out), since_s, until_s)
+
+    def close(self) -> None:
+        _stop_recorder(self.proc)
+
+
+def _start_recorder(args: list[str], what: str) -> subprocess.Popen[str]:
+    """``python -m <args>``, once it has printed ``READY``."""
+    proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if line != "READY":
+        _stop_recorder(proc)
+        raise RuntimeError(f"{what} did not start: {line!r}")
+    return proc
+
+
+def _stop_recorder(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
 
 
 def read_stream(r: redis.Redis, stream: str, chunk: int = 5000, start: str = "-") -> list[tuple[str, bytes]]:
@@ -506,6 +532,8 @@ def run_load(
             r.config_set("slowlog-max-len", SLOWLOG_KEPT)
         listener = AlertListener(redis_url, tmp)
         stack.callback(listener.close)
+        speed = HostSpeedMeter(tmp)
+        stack.callback(speed.close)
         interval_s = cfg.sites * cfg.sensors / cfg.rate
         warm_ms = round(cfg.warmup_readings * interval_s * 1000)
         fleet = Fleet.for_rate(
@@ -615,6 +643,8 @@ def run_load(
         if self_contained:
             report["redis_stalls"] = redis_stalls(r, measured_from_s, measured_until_s)
             report["slow_commands"] = slow_commands(r, measured_from_s, measured_until_s)
+        # The host's own speed meanwhile (other guests, clock): the same code is slower when the host is.
+        report["host_speed"] = speed.summary(measured_from_s, measured_until_s)
         report["drained"] = drained
         # Seconds from the last publish until analytics had scored everything (polled every 50 ms): a pipeline
         # that keeps up drains in about a second; one that falls behind carries its backlog here.

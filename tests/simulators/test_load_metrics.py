@@ -1,15 +1,24 @@
-"""The load runner's scrape of a crew's metrics (how it counts the model fits of a measured run)."""
+"""The load report's diagnostics: fits scraped from a crew, stores per reading, server stalls, the host's speed."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import orjson
 import redis
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
 from handoff import keys
-from simulators.load import _entry_ms, metric_sum, redis_stalls, slow_commands, stored_counts
+from simulators import hostspeed
+from simulators.load import (
+    HostSpeedMeter,
+    _entry_ms,
+    metric_sum,
+    redis_stalls,
+    slow_commands,
+    stored_counts,
+)
 from waterdoctor.embedded import free_port
 
 
@@ -119,3 +128,25 @@ def test_slow_commands_names_the_command_and_client_of_each_slow_call(redis_only
     assert slow["EVAL local (wd-test-slow)"]["count"] == 1
     assert slow["EVAL local (wd-test-slow)"]["max_ms"] >= 20
     assert later == {}
+
+
+def test_host_speed_summary_compares_the_window_with_the_fastest_sample_of_the_run() -> None:
+    samples = [(100.0, 3.0), (101.0, 6.0), (102.0, 9.0), (103.0, 4.0), (200.0, 2.0)]
+    summary = hostspeed.summarize(samples, 100.5, 103.0)
+    assert summary == {"unit_ms_p50": 6.0, "unit_ms_max": 9.0, "best_ms": 2.0, "slowdown": 3.0, "n": 3}
+    assert hostspeed.summarize(samples, 300.0, 400.0) is None
+
+
+def test_host_speed_meter_samples_until_stopped(tmp_path: Path) -> None:
+    meter = HostSpeedMeter(tmp_path)
+    started = time.time()
+    try:
+        time.sleep(1.2)
+    finally:
+        meter.close()
+    samples = hostspeed.read(meter.out)
+    assert meter.proc.returncode == 0  # left on SIGTERM
+    assert len(samples) >= 2
+    assert all(started - 1 <= at <= time.time() and ms > 0 for at, ms in samples)
+    summary = meter.summary(started - 1, time.time())
+    assert summary is not None and summary["n"] == len(samples) and summary["slowdown"] >= 1.0

@@ -15,8 +15,9 @@ def fit_process_pool(workers: int, niceness: int) -> ProcessPoolExecutor:
 
     Spawned, not forked: the crew has threads and an event loop that a fork would copy mid-flight. A spawned
     process imports what its first fit needs (numpy, scikit-learn, numba: seconds of CPU on a cold cache) after
-    :func:`init_fit_worker` has lowered its priority, because this module, the only one it imports before, pulls
-    none of them in: a crew that starts its pool under load must not hand the imports the crews' own priority.
+    :func:`init_fit_worker` has lowered its priority: neither this module nor the crew's entry point (which a
+    spawned process imports first) pulls them in. A crew that starts its pool under load must not run those imports
+    at the priority of the crews that score readings.
     """
     return ProcessPoolExecutor(
         workers,

@@ -129,6 +129,7 @@ def main() -> None:
                 "sms:",
                 sms.get("latency_ms"),
                 sms.get("alerting_hop_ms"),
+                sms.get("slowest"),
             )
         rows.append((label, runs))
 

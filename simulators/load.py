@@ -365,7 +365,7 @@ def build_report(
         "slowest": [
             {
                 "ms": round(ms), "alert_id": aid, "rule": rule, "at_s": round(at / 1000, 1),
-                "published": time.strftime("%H:%M:%S", time.gmtime((t0 + at) / 1000)) + f".{int(t0 + at) % 1000:03d}",
+                "published": _utc_ms(t0 + at),
                 "stages_ms": dict(zip(stages, (round(x) for x in split), strict=True)) if split else None,
             }
             for ms, aid, rule, at, split in sorted(slowest, reverse=True)[:5]
@@ -691,6 +691,9 @@ def sms_report(
     per_key = Counter((alert_id, to) for alert_id, to, _at in accepted)
     latencies = []
     hop = []
+    slowest: list[
+        tuple[float, str, float, float | None]
+    ] = []  # (ms, alert_id, published ms, Pub/Sub arrival)
     for alert_id, _to, at in accepted:
         if alert_id is None:
             continue
@@ -699,8 +702,10 @@ def sms_report(
         if key is None or key in exclude or key not in publish_ms:
             continue
         latencies.append(max(0.0, at * 1000 - publish_ms[key]))
-        if arrivals and alert_id in arrivals:
-            hop.append(at * 1000 - arrivals[alert_id])
+        arrived = arrivals.get(alert_id) if arrivals else None
+        if arrived is not None:
+            hop.append(at * 1000 - arrived)
+        slowest.append((latencies[-1], alert_id, publish_ms[key], arrived))
     return {
         "accepted": len(accepted),
         "duplicates": sum(c - 1 for c in per_key.values() if c > 1),
@@ -715,7 +720,24 @@ def sms_report(
             "p99": percentile(hop, 0.99),
             "max": max(hop, default=None),
         },
+        # The five slowest SMS: when the reading was published, and how long it took to reach Pub/Sub and then
+        # the fake (the alerting crew's hop).
+        "slowest": [
+            {
+                "ms": round(ms),
+                "alert_id": alert_id,
+                "published": _utc_ms(published),
+                "to_pubsub_ms": None if arrived is None else round(arrived - published),
+                "hop_ms": None if arrived is None else round(ms - (arrived - published)),
+            }
+            for ms, alert_id, published, arrived in sorted(slowest, reverse=True)[:5]
+        ],
     }
+
+
+def _utc_ms(epoch_ms: float) -> str:
+    """``HH:MM:SS.mmm`` (UTC) of an epoch-milliseconds time: to line a moment up with logs."""
+    return time.strftime("%H:%M:%S", time.gmtime(epoch_ms / 1000)) + f".{int(epoch_ms) % 1000:03d}"
 
 
 def verdict(report: dict[str, Any], cfg: LoadConfig, strict: bool = False) -> list[str]:

@@ -11,14 +11,18 @@ from prometheus_client import CollectorRegistry, Counter, start_http_server
 
 from handoff import keys
 from simulators import hostspeed
+from simulators.fleet import LabelledReading
 from simulators.load import (
     HostSpeedMeter,
     _entry_ms,
+    _utc_ms,
     metric_sum,
     redis_stalls,
     slow_commands,
+    sms_report,
     stored_counts,
 )
+from simulators.publisher import PublishLog
 from waterdoctor.embedded import free_port
 
 
@@ -150,3 +154,29 @@ def test_host_speed_meter_samples_until_stopped(tmp_path: Path) -> None:
     assert all(started - 1 <= at <= time.time() and ms > 0 for at, ms in samples)
     summary = meter.summary(started - 1, time.time())
     assert summary is not None and summary["n"] == len(samples) and summary["slowdown"] >= 1.0
+
+
+def test_sms_report_names_the_slowest_sms_and_splits_it_at_pubsub() -> None:
+    log = PublishLog()
+
+    def reading(seq: int) -> LabelledReading:
+        return LabelledReading("p", "s", seq, 0, {"ph": 7.0}, None, 0, False, "g")
+
+    base = 1_796_000_000_000.0
+    log.record([reading(1), reading(2), reading(3)], base)
+    accepted = [  # (alert_id, phone, accepted at, epoch s)
+        ("p:s:1", "+1", (base + 20) / 1000),
+        ("p:s:2", "+1", (base + 90) / 1000),
+        ("p:s:3", "+1", (base + 40) / 1000),
+        ("p:s:3", "+2", (base + 45) / 1000),
+    ]
+    arrivals = {"p:s:1": base + 10, "p:s:2": base + 30}  # p:s:3 never seen on Pub/Sub
+    report = sms_report(accepted, log, exclude={("p", "s", 1)}, arrivals=arrivals)
+    assert report["latency_ms"]["n"] == 3  # the excluded (warm-up) reading is not counted
+    assert report["alerting_hop_ms"]["max"] == 60
+    slowest = report["slowest"]
+    assert [s["alert_id"] for s in slowest] == ["p:s:2", "p:s:3", "p:s:3"]
+    assert slowest[0] == {
+        "ms": 90, "alert_id": "p:s:2", "published": _utc_ms(base), "to_pubsub_ms": 30, "hop_ms": 60,
+    }  # fmt: skip
+    assert slowest[1]["ms"] == 45 and slowest[1]["to_pubsub_ms"] is None and slowest[1]["hop_ms"] is None

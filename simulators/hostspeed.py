@@ -11,14 +11,14 @@ idle machine: a load run's latencies are read together with it (:func:`summarize
 from __future__ import annotations
 
 import argparse
-import signal
 import statistics
 import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from types import FrameType
 from typing import Any
+
+from simulators._signals import stop_on_signals
 
 #: Iterations of the fixed loop: ~3 ms of CPU on this project's hosts (0.6 % of a core at the default interval).
 UNIT = 50_000
@@ -76,20 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out")
     parser.add_argument("--every", type=float, default=0.5, help="seconds between samples")
     args = parser.parse_args(argv)
-    stopping = False
-
-    def _stop(_sig: int, _frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    stop = stop_on_signals()
     with open(args.out, "a") as fh:
         print("READY", flush=True)
-        while not stopping:
+        while not stop.is_set():
             fh.write(f"{time.time():.3f}\t{sample():.3f}\n")
             fh.flush()
-            time.sleep(args.every)
+            stop.wait(args.every)
     return 0
 
 

@@ -8,15 +8,14 @@ which adds milliseconds to every latency it measures.
 
 from __future__ import annotations
 
-import signal
 import sys
 import time
-from types import FrameType
 
 import orjson
 import redis
 
 from handoff import keys
+from simulators._signals import stop_on_signals
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,20 +24,13 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m simulators.listen REDIS_URL OUT_FILE", file=sys.stderr)
         return 2
     url, out = args
-    stopping = False
-
-    def _stop(_sig: int, _frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    stop = stop_on_signals()
     client = redis.Redis.from_url(url)
     pubsub = client.pubsub()  # type: ignore[no-untyped-call]
     pubsub.subscribe(keys.ALERTS_CHANNEL)
     seen: set[str] = set()
     with open(out, "w") as fh:
-        while not stopping:
+        while not stop.is_set():
             msg = pubsub.get_message(timeout=0.2)
             if msg is None:
                 continue

@@ -86,17 +86,22 @@ def test_stored_counts_reports_duplicates_and_the_first_store_and_receipt_of_eac
     assert received_ms == {("p", "s", 1): 100, ("p", "s", 2): 100}  # when ingest first took it
 
 
-def test_redis_stalls_reports_the_servers_own_latency_events_since_a_moment(redis_only_url: str) -> None:
-    r = redis.Redis.from_url(redis_only_url)
+def keep_busy(r: redis.Redis, ms: int) -> None:
+    """Keep the server busy for ``ms`` milliseconds in one command (a script spinning on ``TIME``)."""
     spin = (
         "local t = redis.call('TIME'); local t0 = t[1] * 1e6 + t[2]; "
-        "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - t0 > 30000"
+        "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - t0 > tonumber(ARGV[1])"
     )
+    r.eval(spin, 0, ms * 1000)
+
+
+def test_redis_stalls_reports_the_servers_own_latency_events_since_a_moment(redis_only_url: str) -> None:
+    r = redis.Redis.from_url(redis_only_url)
     try:
         r.config_set("latency-monitor-threshold", 5)
         r.latency_reset()
         since = time.time() - 1
-        r.eval(spin, 0)  # the server is busy for 30 ms: a "command" event
+        keep_busy(r, 30)  # a "command" event
         stalls = redis_stalls(r, since)
         later = redis_stalls(r, time.time() + 5)  # nothing happened after that moment
         before = redis_stalls(r, since - 10, since - 5)  # nor before
@@ -112,15 +117,11 @@ def test_redis_stalls_reports_the_servers_own_latency_events_since_a_moment(redi
 
 def test_slow_commands_names_the_command_and_client_of_each_slow_call(redis_only_url: str) -> None:
     r = redis.Redis.from_url(redis_only_url, client_name="wd-test-slow")
-    spin = (
-        "local t = redis.call('TIME'); local t0 = t[1] * 1e6 + t[2]; "
-        "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - t0 > 20000"
-    )
     try:
         r.config_set("slowlog-log-slower-than", 5000)
         r.slowlog_reset()
         since = time.time() - 1
-        r.eval(spin, 0)  # 20 ms
+        keep_busy(r, 20)
         r.ping()  # fast: not logged
         slow = slow_commands(r, since)
         later = slow_commands(r, time.time() + 5)

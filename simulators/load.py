@@ -691,9 +691,8 @@ def sms_report(
     per_key = Counter((alert_id, to) for alert_id, to, _at in accepted)
     latencies = []
     hop = []
-    slowest: list[
-        tuple[float, str, float, float | None]
-    ] = []  # (ms, alert_id, published ms, Pub/Sub arrival)
+    # (ms, alert_id, published, Pub/Sub arrival), times in epoch ms
+    slowest: list[tuple[float, str, float, float | None]] = []
     for alert_id, _to, at in accepted:
         if alert_id is None:
             continue

@@ -33,6 +33,8 @@ import io
 import json
 import logging
 import math
+import struct
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -60,8 +62,14 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Bumped whenever the byte layout written by :meth:`SensorModel.to_bytes` changes.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Formats :meth:`SensorModel.from_bytes` reads: 1 (``.npz``) from registries written before format 2.
+READABLE_FORMATS = (1, 2)
 _MAGIC = "waterdoctor.sensor-model"
+#: Format 2 starts with these bytes, then the JSON header's length (4 bytes, little-endian), the header, and the
+#: arrays' raw bytes, one after the other, zlib-compressed as one block.
+_PREFIX = b"WDSM"
+_HEAD = struct.Struct("<I")
 
 Direction = Literal["high", "low"]
 Severity = Literal["warning", "critical"]
@@ -676,12 +684,8 @@ class SensorModel:
             saturated_lo=self.saturated_lo_,
             saturated_hi=self.saturated_hi_,
             stuck_run=self.stuck_run_,
-            meta_json=np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8),
         )
-        buf = io.BytesIO()
-        # Compressed: the padded tree layout repeats leaf values, so models shrink about 4x in the registry.
-        np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
-        return buf.getvalue()
+        return pack_model(meta, arrays)
 
     @classmethod
     def from_bytes(cls, data: bytes, *, strict: bool = True) -> SensorModel:
@@ -693,16 +697,14 @@ class SensorModel:
         only, so it still scores exactly as saved, but its ``estimator_`` is ``None`` either way.
         """
         try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in npz.files}
-            meta = json.loads(arrays.pop("meta_json").tobytes().decode())
-        except Exception as exc:  # zipfile, ValueError, KeyError, JSON errors: all mean "not our bytes"
+            meta, arrays = unpack_model(data)
+        except Exception as exc:  # zlib, struct, zipfile, ValueError, KeyError, JSON errors: "not our bytes"
             raise ModelFormatError(f"not a sensor model: {exc}") from exc
         if not isinstance(meta, dict) or meta.get("magic") != _MAGIC:
             raise ModelFormatError("not a sensor model (magic mismatch)")
-        if meta.get("format_version") != FORMAT_VERSION:
+        if meta.get("format_version") not in READABLE_FORMATS:
             raise ModelFormatError(
-                f"model format {meta.get('format_version')}, this code reads {FORMAT_VERSION}"
+                f"model format {meta.get('format_version')}, this code reads {', '.join(map(str, READABLE_FORMATS))}"
             )
         running = library_versions()
         saved = {str(k): str(v) for k, v in dict(meta.get("versions", {})).items()}
@@ -752,3 +754,46 @@ class SensorModel:
         if not shapes_ok:
             raise ModelFormatError("corrupt sensor model: array shapes disagree with its metrics")
         return model
+
+
+def pack_model(meta: Mapping[str, Any], arrays: Mapping[str, NDArray[Any]]) -> bytes:
+    """Format 2: ``meta`` (JSON) with an index of ``arrays``, then their bytes compressed as one block.
+
+    Loads in a fraction of format 1's time (a ``.npz``: one zip member, one parsed ``.npy`` header and one zlib
+    stream per array, ~2.7 ms per model): a restarted crew loads every stored model before it scores.
+    Compressed: the padded tree layout repeats leaf values, so models shrink about 4x in the registry.
+    """
+    index = []
+    parts = []
+    offset = 0
+    for name, array in arrays.items():
+        a = np.ascontiguousarray(array)
+        index.append([name, a.dtype.str, list(a.shape), offset])
+        parts.append(a.tobytes())
+        offset += a.nbytes
+    head = json.dumps({**meta, "arrays": index}, sort_keys=True).encode()
+    return _PREFIX + _HEAD.pack(len(head)) + head + zlib.compress(b"".join(parts), 6)
+
+
+def unpack_model(data: bytes) -> tuple[dict[str, Any], dict[str, NDArray[Any]]]:
+    """``(meta, arrays)`` from format 2 (:func:`pack_model`) or format 1 (``.npz`` with a ``meta_json`` array).
+
+    Raises on anything else (zlib, struct, zipfile, JSON, ``ValueError``): the caller names it a format error.
+    Arrays of format 2 are writable views of one decompressed buffer; only numeric dtypes are accepted.
+    """
+    if data[: len(_PREFIX)] != _PREFIX:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        return json.loads(arrays.pop("meta_json").tobytes().decode()), arrays
+    start = len(_PREFIX) + _HEAD.size
+    (n,) = _HEAD.unpack_from(data, len(_PREFIX))
+    meta = json.loads(data[start : start + n])
+    body = bytearray(zlib.decompress(data[start + n :]))
+    arrays = {}
+    for name, dtype, shape, offset in meta.pop("arrays"):
+        dt = np.dtype(dtype)
+        if dt.kind not in "biuf":
+            raise ValueError(f"array {name!r} has dtype {dtype!r}")
+        count = math.prod(shape)
+        arrays[str(name)] = np.frombuffer(body, dt, count, int(offset)).reshape(shape)
+    return meta, arrays

@@ -195,8 +195,9 @@ def test_fit_refuses_bad_input() -> None:
 
 def test_persistence_round_trip_without_pickle(fitted: SensorModel) -> None:
     data = fitted.to_bytes()
-    with np.load(io.BytesIO(data), allow_pickle=False) as npz:  # loads with pickle disabled
-        meta = json.loads(npz["meta_json"].tobytes())
+    meta, arrays = model_mod.unpack_model(data)  # JSON and numeric arrays only
+    assert meta["format_version"] == model_mod.FORMAT_VERSION
+    assert all(a.dtype.kind in "biuf" for a in arrays.values())
     assert meta["versions"] == model_mod.library_versions()
     assert meta["model_version"] == fitted.model_version_
     loaded = SensorModel.from_bytes(data)
@@ -227,28 +228,42 @@ def test_version_mismatch_is_refused_unless_lenient(
 def test_foreign_and_corrupt_bytes_are_refused(fitted: SensorModel) -> None:
     with pytest.raises(ModelFormatError):
         SensorModel.from_bytes(b"not a model")
+    data = fitted.to_bytes()
+    with pytest.raises(ModelFormatError, match="not a sensor model"):
+        SensorModel.from_bytes(data[: len(data) // 2])  # truncated
     buf = io.BytesIO()
     np.savez(buf, meta_json=np.frombuffer(b'{"magic": "other"}', dtype=np.uint8))
     with pytest.raises(ModelFormatError, match="magic"):
         SensorModel.from_bytes(buf.getvalue())
+    meta, arrays = model_mod.unpack_model(data)
+    with pytest.raises(ModelFormatError, match="magic"):
+        SensorModel.from_bytes(model_mod.pack_model({**meta, "magic": "other"}, arrays))
     # A newer format version is refused, not misread.
-    with np.load(io.BytesIO(fitted.to_bytes()), allow_pickle=False) as npz:
-        arrays = {k: npz[k] for k in npz.files}
-    meta = json.loads(arrays["meta_json"].tobytes())
-    meta["format_version"] = 99
-    arrays["meta_json"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
     with pytest.raises(ModelFormatError, match="format 99"):
-        SensorModel.from_bytes(buf.getvalue())
+        SensorModel.from_bytes(model_mod.pack_model({**meta, "format_version": 99}, arrays))
     # Shapes that disagree with the metrics are caught.
-    meta["format_version"] = model_mod.FORMAT_VERSION
-    meta["metrics"] = meta["metrics"][:-1]
-    arrays["meta_json"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
     with pytest.raises(ModelFormatError, match="shapes"):
-        SensorModel.from_bytes(buf.getvalue())
+        SensorModel.from_bytes(model_mod.pack_model({**meta, "metrics": meta["metrics"][:-1]}, arrays))
+    # Only numeric arrays: an object array would be a way to smuggle pickles in.
+    with pytest.raises(ModelFormatError, match="dtype"):
+        SensorModel.from_bytes(model_mod.pack_model(meta, {**arrays, "center": np.array([None] * 3)}))
+
+
+def test_format_1_models_still_load_and_score_the_same(fitted: SensorModel) -> None:
+    # What registries written before format 2 hold: a compressed .npz with the metadata as a uint8 array.
+    meta, arrays = model_mod.unpack_model(fitted.to_bytes())
+    meta["format_version"] = 1
+    buf = io.BytesIO()
+    np.savez_compressed(
+        buf, **arrays, meta_json=np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
+    )
+    loaded = SensorModel.from_bytes(buf.getvalue())
+    X = normal_readings(200, seed=13)
+    X[100, 1] += 30 * SIGMA[1]
+    base = np.broadcast_to(fitted.center_, X.shape)
+    np.testing.assert_array_equal(loaded.score(X, base), fitted.score(X, base))
+    assert loaded.model_version_ == fitted.model_version_
+    assert np.array_equal(loaded.stuck_run_, fitted.stuck_run_)
 
 
 def test_helpers() -> None:

@@ -4,7 +4,9 @@ Walks: one fitted forest (100 trees, depth 8, 7 features, as the crew's) copied 
 misses the cache as it does in the crew (one forest per sensor); a call per copy with 1, 2 or 8 rows (microseconds
 per row), and one call on a whole 8,640-row training window (what a fit scores for its threshold). Fits: what the
 fit process does per refit (:func:`analytics.crew._fit_in_worker`: fit and serialize) on the training windows of 10
-sensors of the load fleet, CPU milliseconds per fit, median of 5 passes. Also ``CompiledForest.from_sklearn``.
+sensors of the load fleet, CPU milliseconds per fit, median of 5 passes. Also ``CompiledForest.from_sklearn``, and
+loading and saving those 10 models (``SensorModel.from_bytes`` / ``to_bytes``: what a restarted crew does per stored
+model, and a fit process per fit), CPU milliseconds per model, median of 5 passes.
 
 ``--code DIR`` adds another checkout (``git worktree add /tmp/base <commit>``) measured in the same session.
 
@@ -76,6 +78,19 @@ for _ in range(5):
         _fit_in_worker(w)
     passes.append((time.process_time() - t0) / len(windows) * 1e3)
 out["fit_cpu_ms"] = statistics.median(passes)
+from analytics.model import SensorModel
+fitted = [_fit_in_worker(w) for w in windows]
+def cpu_ms_per_model(fn):
+    ts = []
+    for _ in range(5):
+        t0 = time.process_time()
+        for model, blob, _err in fitted:
+            fn(model, blob)
+        ts.append((time.process_time() - t0) / len(fitted) * 1e3)
+    return statistics.median(ts)
+out["model_load_ms"] = cpu_ms_per_model(lambda model, blob: SensorModel.from_bytes(blob))
+out["model_save_ms"] = cpu_ms_per_model(lambda model, blob: model.to_bytes())
+out["model_kb"] = statistics.mean(len(blob) for _m, blob, _e in fitted) / 1024
 out["window_shape"] = list(windows[0].values.shape)
 print(json.dumps(out))
 """.replace("ROOT", repr(str(ROOT)))
@@ -87,6 +102,9 @@ KEYS = [
     ("cold_8_rows_us_per_row", "8 rows cold us/row"),
     ("from_sklearn_ms", "from_sklearn ms"),
     ("fit_cpu_ms", "fit + serialize CPU ms"),
+    ("model_load_ms", "model load CPU ms"),
+    ("model_save_ms", "model save CPU ms"),
+    ("model_kb", "model KiB"),
 ]
 
 

@@ -20,10 +20,11 @@ Score sign: **higher is more anomalous**, in ``(0, 1)``; hard physical limits (:
 The threshold is kept apart from the score (``threshold_``), calibrated per model as the ``threshold_quantile``
 of the training scores plus ``threshold_margin`` times its distance to the median training score.
 
-Persistence: :meth:`SensorModel.to_bytes` writes an ``.npz`` (numpy arrays only, loaded with ``allow_pickle=False``)
-plus a JSON metadata record holding the parameters, the model version and the scikit-learn, numpy and format
-versions. :meth:`SensorModel.from_bytes` refuses a different format, and by default also a different scikit-learn or
-numpy version (:class:`ModelVersionMismatch`): the caller then refits from its window. No pickle, no code.
+Persistence: :meth:`SensorModel.to_bytes` writes numeric arrays (format 2, :func:`pack_model`: one compressed block,
+read back as views) plus a JSON metadata record holding the parameters, the model version and the scikit-learn,
+numpy and format versions. :meth:`SensorModel.from_bytes` also reads format 1 (an ``.npz`` loaded with
+``allow_pickle=False``), refuses any other format, and by default also a different scikit-learn or numpy version
+(:class:`ModelVersionMismatch`): the caller then refits from its window. No pickle, no code.
 """
 
 from __future__ import annotations
@@ -655,7 +656,7 @@ class SensorModel:
     # ------------------------------------------------------------------ persistence
 
     def to_bytes(self) -> bytes:
-        """Serialise to ``.npz`` bytes: numeric arrays plus a JSON metadata record (no pickle)."""
+        """Serialise to format-2 bytes (:func:`pack_model`): numeric arrays plus a JSON metadata record, no pickle."""
         self._check_fitted()
         forest_arrays, forest_meta = self.forest_.to_arrays()
         meta = {

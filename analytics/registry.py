@@ -1,9 +1,9 @@
 """Model registry in Redis: every analytics process shares, persists and reloads per-sensor models.
 
-A model is stored as its ``.npz`` bytes (no pickle; library versions inside, checked on load) under
-``wd:_model:{site}:{sensor_id}``, and its generation in the hash ``wd:_model:generations``. A save only replaces a
-model with a *newer* generation (compare-and-set in one Lua script), so two processes refitting the same sensor
-cannot roll each other back.
+A model is stored as its bytes (:meth:`SensorModel.to_bytes`: no pickle; library versions inside, checked on
+load) under ``wd:_model:{site}:{sensor_id}``, and its generation in the hash ``wd:_model:generations``. A save only
+replaces a model with a *newer* generation (compare-and-set in one Lua script), so two processes refitting the same
+sensor cannot roll each other back.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from simulators.load import (
     slow_commands,
     sms_report,
     stored_counts,
+    wait_drained,
 )
 from simulators.publisher import PublishLog
 from waterdoctor.embedded import free_port
@@ -84,6 +85,38 @@ def test_stored_counts_reports_duplicates_and_the_first_store_and_receipt_of_eac
     assert stored_ms == {("p", "s", 1): entry_ms, ("p", "s", 2): entry_ms}  # the first copy's entry id time
     assert (_entry_ms(as_text(second)) or 0) >= entry_ms
     assert received_ms == {("p", "s", 1): 100, ("p", "s", 2): 100}  # when ingest first took it
+
+
+def test_wait_drained_returns_when_analytics_was_seen_idle_and_every_reading_counted(
+    redis_only_url: str,
+) -> None:
+    def entry(n: int) -> dict[str, bytes]:
+        readings = [{"site": "p", "sensor_id": "s", "seq": i, "ts_ms": 1, "metrics": {}} for i in range(n)]
+        return {"payload": orjson.dumps({"readings": readings})}
+
+    r = redis.Redis.from_url(redis_only_url)
+    try:
+        r.delete(keys.READINGS)
+        r.xadd(keys.READINGS, entry(3))
+        r.xgroup_create(keys.READINGS, keys.GROUP_ANALYTICS, id="0")
+        # Delivered and not acknowledged: analytics still owes it.
+        delivered = r.xreadgroup(keys.GROUP_ANALYTICS, "c", {keys.READINGS: ">"}, count=10)
+        assert wait_drained(r, 3, 0.3) is None
+        r.xack(keys.READINGS, keys.GROUP_ANALYTICS, delivered[0][1][0][0])
+        # Acknowledged, but the stream holds fewer readings than the broker acknowledged: not drained either.
+        assert wait_drained(r, 5, 0.3) is None
+        # A newer entry that analytics was not handed yet (lag > 0).
+        r.xadd(keys.READINGS, entry(2))
+        assert wait_drained(r, 5, 0.3) is None
+        for _stream, entries in r.xreadgroup(keys.GROUP_ANALYTICS, "c", {keys.READINGS: ">"}, count=10):
+            r.xack(keys.READINGS, keys.GROUP_ANALYTICS, *[entry_id for entry_id, _fields in entries])
+        before = time.monotonic()
+        idle_at = wait_drained(r, 5, 5)
+    finally:
+        r.delete(keys.READINGS)
+        r.close()
+    assert idle_at is not None
+    assert before <= idle_at <= time.monotonic()
 
 
 def keep_busy(r: redis.Redis, ms: int) -> None:

@@ -111,6 +111,7 @@ def main() -> None:
                 "lost",
                 "duplicated",
                 "drain_s",
+                "drain_counted_s",
                 "publisher_stalls",
                 "received_ms",
                 "stored_ms",

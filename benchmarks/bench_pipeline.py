@@ -121,6 +121,7 @@ def main() -> None:
                 "model_fits",
                 "redis_stalls",
                 "slow_commands",
+                "aof_rewrites",
                 "host_speed",
             )
             sms = report.get("sms", {})

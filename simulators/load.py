@@ -22,6 +22,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -259,7 +260,7 @@ def wait_drained(
         g = groups.get(keys.GROUP_ANALYTICS)
         idle = g is not None and g["pending"] == 0 and g.get("lag") in (0, None)
         # Idle at ``seen`` counts only if analytics had then been handed the newest entry the count finds.
-        if idle and tally.update(r) >= acked:
+        if g is not None and idle and tally.update(r) >= acked:
             delivered = g["last-delivered-id"]
             delivered = delivered.decode() if isinstance(delivered, bytes) else str(delivered)
             if tally.last_id in ("", delivered):
@@ -438,6 +439,52 @@ def redis_stalls(r: redis.Redis, since_s: float, until_s: float | None = None) -
     return out
 
 
+_REWRITE_EVENT = re.compile(
+    r"^\d+:M (\d{2} \w{3} \d{4} \d{2}:\d{2}:\d{2}\.\d{3}) \* "
+    r"(Background append only file rewriting started|Background AOF rewrite (?:finished|terminated))"
+)
+
+
+def aof_rewrites(server_log: Path, since_s: float, until_s: float) -> list[tuple[float, float]]:
+    """AOF rewrites the server's log shows running between ``since_s`` and ``until_s`` (epoch s), as (start, end).
+
+    A rewrite child serializes the whole dataset (a core for a second or more once the streams hold hundreds of MB);
+    a rewrite still running at ``until_s`` ends there. Times are the server's local time, as this process reads it.
+    """
+    out: list[tuple[float, float]] = []
+    start: float | None = None
+    try:
+        lines = server_log.read_text(errors="replace").splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        m = _REWRITE_EVENT.match(line)
+        if m is None:
+            continue
+        at = time.mktime(time.strptime(m.group(1)[:-4], "%d %b %Y %H:%M:%S")) + int(m.group(1)[-3:]) / 1000
+        if m.group(2).endswith("started"):
+            start = at
+        elif start is not None:
+            if at >= since_s and start <= until_s:
+                out.append((start, at))
+            start = None
+    if start is not None and start <= until_s:
+        out.append((start, until_s))
+    return out
+
+
+def mark_rewrites(slowest: list[dict[str, Any]], rewrites: list[tuple[float, float]], near_s: float) -> None:
+    """Flag each of the slowest (``published`` HH:MM:SS.mmm UTC, ``ms``) whose way overlapped an AOF rewrite."""
+    day = near_s - near_s % 86400
+    for item in slowest:
+        h, m, sec = item["published"].split(":")
+        published = day + int(h) * 3600 + int(m) * 60 + float(sec)
+        if published < near_s - 43200:  # the run crossed midnight (UTC)
+            published += 86400
+        done = published + item["ms"] / 1000
+        item["in_rewrite"] = any(start <= done and published <= end for start, end in rewrites)
+
+
 def slow_commands(r: redis.Redis, since_s: float, until_s: float | None = None) -> dict[str, dict[str, Any]]:
     """Which commands made the server's ``command`` stalls: ``SLOWLOG`` entries from ``since_s`` to ``until_s``
     (epoch s), per command name and client name (for a script, the start of its sha), how many and the longest in
@@ -495,6 +542,7 @@ def run_load(
     say = progress or (lambda _msg: None)
     stack = contextlib.ExitStack()
     fake: Any = None
+    rewrites: list[tuple[float, float]] = []
     warm_fit_args: list[str] = []
     pipeline: Any = None
     with stack:
@@ -658,6 +706,14 @@ def run_load(
         if self_contained:
             report["redis_stalls"] = redis_stalls(r, measured_from_s, measured_until_s)
             report["slow_commands"] = slow_commands(r, measured_from_s, measured_until_s)
+            server = pipeline.redis_server if pipeline is not None else None
+            if server is not None:
+                rewrites = aof_rewrites(
+                    server.data_dir / f"{server.name}.log", measured_from_s, measured_until_s
+                )
+                report["aof_rewrites"] = [
+                    {"start": _utc_ms(start * 1000), "s": round(end - start, 2)} for start, end in rewrites
+                ]
         # The host's own speed meanwhile (other guests, clock): the same code is slower when the host is.
         report["host_speed"] = speed.summary(measured_from_s, measured_until_s)
         report["drained"] = drained
@@ -676,6 +732,9 @@ def run_load(
             report["sms"] = sms_report(
                 [(a.alert_id, a.to, a.at) for a in fake.accepted()], log, warm_keys, arrivals
             )
+        if rewrites:
+            mark_rewrites(report["slowest"], rewrites, measured_from_s)
+            mark_rewrites(report.get("sms", {}).get("slowest", []), rewrites, measured_from_s)
         return report
 
 

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import orjson
+import pytest
 import redis
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
@@ -16,6 +17,8 @@ from simulators.load import (
     HostSpeedMeter,
     _entry_ms,
     _utc_ms,
+    aof_rewrites,
+    mark_rewrites,
     metric_sum,
     redis_stalls,
     slow_commands,
@@ -24,7 +27,7 @@ from simulators.load import (
     wait_drained,
 )
 from simulators.publisher import PublishLog
-from waterdoctor.embedded import free_port
+from waterdoctor.embedded import RedisServer, free_port
 
 
 def test_metric_sum_adds_the_matching_labelled_samples_only() -> None:
@@ -214,3 +217,56 @@ def test_sms_report_names_the_slowest_sms_and_splits_it_at_pubsub() -> None:
         "ms": 90, "alert_id": "p:s:2", "published": _utc_ms(base), "to_pubsub_ms": 30, "hop_ms": 60,
     }  # fmt: skip
     assert slowest[1]["ms"] == 45 and slowest[1]["to_pubsub_ms"] is None and slowest[1]["hop_ms"] is None
+
+
+@pytest.mark.parametrize("kind", ["redis", "valkey"])
+def test_aof_rewrites_reads_each_rewrite_window_from_the_servers_log(kind: str, tmp_path: Path) -> None:
+    with RedisServer(kind, data_dir=tmp_path, appendonly=True) as server:  # type: ignore[arg-type]
+        r = redis.Redis.from_url(server.url)
+        try:
+            r.mset({f"k{i}": i for i in range(20)})
+            before = time.time()
+            r.config_set("rdb-key-save-delay", 10_000)  # 10 ms per key: a rewrite of ~0.2 s
+            r.bgrewriteaof()
+            time.sleep(0.05)
+            while r.info("persistence")["aof_rewrite_in_progress"]:
+                time.sleep(0.01)
+            after = time.time()
+        finally:
+            r.close()
+        log = server.data_dir / f"{server.name}.log"
+        windows = aof_rewrites(log, before - 1, after + 1)
+        assert aof_rewrites(log, after + 5, after + 10) == []  # none later
+    assert len(windows) == 1
+    start, end = windows[0]
+    assert before - 0.01 <= start < end <= after + 0.01  # the log has milliseconds
+    assert end - start >= 0.15
+
+
+def test_aof_rewrites_ends_a_rewrite_still_running_at_the_window_end(tmp_path: Path) -> None:
+    log = tmp_path / "redis.log"
+    log.write_text(
+        "1:M 07 Dec 2026 18:52:27.948 * Background append only file rewriting started by pid 7\n"
+        "7:C 07 Dec 2026 18:52:28.100 * Fork CoW for AOF rewrite: current 5 MB, peak 5 MB, average 3 MB\n"
+    )
+    start = time.mktime(time.strptime("07 Dec 2026 18:52:27", "%d %b %Y %H:%M:%S")) + 0.948
+    assert aof_rewrites(log, start - 10, start + 2) == [(start, start + 2)]
+    assert aof_rewrites(tmp_path / "missing.log", 0, start) == []
+
+
+def test_mark_rewrites_flags_the_slowest_whose_way_overlapped_a_rewrite() -> None:
+    near = 1_796_670_000.0
+    day = near - near % 86400
+
+    def at(hms: str) -> float:
+        h, m, sec = hms.split(":")
+        return day + int(h) * 3600 + int(m) * 60 + float(sec)
+
+    slowest = [
+        {"ms": 300, "published": "18:52:27.800"},  # published before, still on its way when it started
+        {"ms": 50, "published": "18:52:29.000"},  # published during
+        {"ms": 40, "published": "18:52:27.000"},  # done before it started
+        {"ms": 40, "published": "18:52:30.000"},  # after it ended
+    ]
+    mark_rewrites(slowest, [(at("18:52:27.948"), at("18:52:29.445"))], near)
+    assert [s["in_rewrite"] for s in slowest] == [True, True, False, False]

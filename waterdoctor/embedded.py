@@ -211,12 +211,14 @@ class RedisServer(_ChildServer):
 
     def _ready(self) -> None:
         super()._ready()
-        # The port opens before the dataset is loaded: wait until PING answers PONG, not LOADING.
+        # The port opens before the dataset is loaded: wait until PING answers PONG, not LOADING. An ACL file that
+        # turns the default user off (as the deployed one does) answers NOAUTH, loading or not: that is as far as an
+        # anonymous client can tell.
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), 0.5) as s:
                 s.sendall(b"PING\r\n")
-                if s.recv(64).startswith(b"+PONG"):
+                if s.recv(64).startswith((b"+PONG", b"-NOAUTH")):
                     return
             time.sleep(0.02)
         raise EmbeddedError(f"{self.kind} on port {self.port} did not answer PING")

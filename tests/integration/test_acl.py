@@ -151,6 +151,10 @@ async def until(cond: Callable[[], Awaitable[bool]], timeout: float = 8.0) -> No
 
 def test_every_user_is_tested_and_stays_least_privilege() -> None:
     users = acl_lines()
+    # Nobody gets in without a password: the default user is off and can run nothing; ``admin`` (for operators'
+    # administration) is the one user with every key and command, behind a password.
+    assert users.pop("default") == ["off", "resetpass", "-@all"]
+    assert users.pop("admin") == ["on", ">change-me-admin", "~*", "&*", "+@all"]
     assert set(users) == TESTED_USERS
     for user, rules in users.items():
         assert rules[0] == "on" and rules[1].startswith(">change-me"), user  # placeholder password only
@@ -171,11 +175,30 @@ def test_the_file_loads_as_an_aclfile(kind: ServerKind, tmp_path: Path) -> None:
     shutil.copy(ACL_FILE, acl)
     with RedisServer(kind, data_dir=tmp_path, extra=["--aclfile", str(acl)]) as server:
         for user, rules in acl_lines().items():
+            if user == "default":
+                continue
             client = redis.Redis.from_url(server.url, username=user, password=rules[1][1:])
             try:
                 assert client.ping()
             finally:
                 client.close()
+        anonymous = redis.Redis.from_url(server.url)
+        try:
+            with pytest.raises(redis.AuthenticationError):
+                anonymous.ping()
+            with pytest.raises(redis.AuthenticationError):  # not even a read
+                anonymous.xlen(keys.READINGS)
+        finally:
+            anonymous.close()
+        # ``default`` has no password that could let anyone in, and admin administers.
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis.from_url(server.url, username="default", password="").ping()
+        admin = redis.Redis.from_url(server.url, username="admin", password="change-me-admin")
+        try:
+            assert admin.acl_whoami() in (b"admin", "admin")
+            assert admin.config_get("appendonly")
+        finally:
+            admin.close()
 
 
 # --- ingest ----------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -82,9 +83,9 @@ async def listen_pubsub(
     tasks: set[asyncio.Task[None]] = set()
     failures = 0
 
-    async def dispatch(data: bytes) -> None:
+    async def dispatch(data: bytes, received: float) -> None:
         try:
-            await dispatcher.dispatch(orjson.loads(data))
+            await dispatcher.dispatch(orjson.loads(data), received)
         except Exception:  # one bad alert must not stop the listener; the stream path retries it
             logger.warning("pub/sub dispatch failed", exc_info=True)
         finally:
@@ -99,8 +100,9 @@ async def listen_pubsub(
                 message = await pubsub.get_message(timeout=0.2)
                 if message is None:
                     continue
+                received = time.perf_counter()
                 await slots.acquire()
-                task = asyncio.create_task(dispatch(message["data"]))
+                task = asyncio.create_task(dispatch(message["data"], received))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:

@@ -62,6 +62,16 @@ _INFLIGHT_WAIT: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "wd_inflight_wait", default=None
 )
 
+# Where one dispatch's time went (``time.perf_counter()`` marks), for the "slow SMS" log line; shared by the
+# dispatch's per-phone tasks, which only read it.
+_TRACE: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(
+    "wd_dispatch_trace", default=None
+)
+
+#: An SMS accepted more than this long after its alert reached the dispatcher is logged (INFO) with where the time
+#: went: waiting in the input, the admission round trip, the send slot and claim, Twilio's answer.
+SLOW_SMS_S = 0.025
+
 __all__ = ["AckResult", "DispatchConfig", "Dispatcher"]
 
 
@@ -150,21 +160,27 @@ class Dispatcher:
 
     # ---- the entry point of both inputs -------------------------------------------------------------------
 
-    async def dispatch(self, anomaly: Mapping[str, Any]) -> bool:
+    async def dispatch(self, anomaly: Mapping[str, Any], received: float | None = None) -> bool:
         """Handle one anomaly (a dict as in CONTRACT.md section 3); True when settled.
 
+        ``received``: when the input took it (``time.perf_counter()``), for the slow-SMS log line.
         Raises :class:`~alerting.errors.InvalidAnomaly` for a payload that is not an anomaly (never retry it),
         and Redis errors as they come (retry later).
         """
+        start = time.perf_counter()
+        token = _TRACE.set({"received": start if received is None else received, "start": start})
         try:
-            model = Anomaly.model_validate(anomaly)
-        except pydantic.ValidationError as exc:
-            raise InvalidAnomaly(f"not a contract anomaly: {exc.error_count()} error(s)") from exc
-        alert_id = model.alert_id
-        resend = anomaly.get("replayed") is True and anomaly.get("resend") is True
-        tag = f"r{anomaly.get('replay_id') or ''}" if resend else ""
-        async with self._alert_lock(f"{alert_id}|{tag}"):
-            return await self._dispatch(anomaly, model, tag, resend)
+            try:
+                model = Anomaly.model_validate(anomaly)
+            except pydantic.ValidationError as exc:
+                raise InvalidAnomaly(f"not a contract anomaly: {exc.error_count()} error(s)") from exc
+            alert_id = model.alert_id
+            resend = anomaly.get("replayed") is True and anomaly.get("resend") is True
+            tag = f"r{anomaly.get('replay_id') or ''}" if resend else ""
+            async with self._alert_lock(f"{alert_id}|{tag}"):
+                return await self._dispatch(anomaly, model, tag, resend)
+        finally:
+            _TRACE.reset(token)
 
     async def _dispatch(self, anomaly: Mapping[str, Any], model: Anomaly, tag: str, resend: bool) -> bool:
         cfg = self.config
@@ -230,6 +246,8 @@ class Dispatcher:
             else [],
             phones=requests,
         )
+        if (trace := _TRACE.get()) is not None:
+            trace["admitted"] = time.perf_counter()
         if decision.kind == "folded":
             if decision.new:
                 metrics.ALERTS_FOLDED.inc()
@@ -359,9 +377,12 @@ class Dispatcher:
         member = member or send_member(alert_id, tag, phone)
         while True:
             attempts += 1
+            sending = time.perf_counter()
             result = await self.sender.send(phone, body)
             now = self._clock()
             rec: dict[str, Any] = {"body": body, "ts": ts_ms, "n": attempts, "t": _ms(now)}
+            if attempts == 1 and result.outcome is Outcome.ACCEPTED:
+                self._log_if_slow(alert_id, phone, sending)
             if result.outcome is not Outcome.RETRYABLE:
                 await self._final(
                     alert_id, field, phone, rec, result, member if scheduled else None, now, observe_latency
@@ -449,6 +470,28 @@ class Dispatcher:
                 result.reason,
                 result.code,
             )
+
+    @staticmethod
+    def _log_if_slow(alert_id: str, phone: str, sending: float) -> None:
+        """Log an SMS accepted more than :data:`SLOW_SMS_S` after its alert arrived, with where the time went."""
+        trace = _TRACE.get()
+        if trace is None:  # sent by the scheduler (a deferred or retried SMS): no arrival to measure from
+            return
+        done = time.perf_counter()
+        if done - trace["received"] < SLOW_SMS_S:
+            return
+        admitted = trace.get("admitted", trace["start"])
+        logger.info(
+            "slow SMS: alert %s to %s accepted %.1f ms after it arrived (waiting %.1f, admission %.1f, "
+            "send slot and claim %.1f, Twilio %.1f ms)",
+            alert_id,
+            mask_phone(phone),
+            (done - trace["received"]) * 1000,
+            (trace["start"] - trace["received"]) * 1000,
+            (admitted - trace["start"]) * 1000,
+            (sending - admitted) * 1000,
+            (done - sending) * 1000,
+        )
 
     async def _put_outcome(self, alert_id: str, field: str, rec: dict[str, Any], member: str | None) -> None:
         # The SMS is out (or its fate is known): losing this write would turn it into an "unknown" later,

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
+import re
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -525,3 +528,45 @@ async def test_dispatch_works_with_the_deployed_acl_user(
     finally:
         await limited.aclose()
         await r.execute_command("ACL", "DELUSER", "alerting")
+
+
+class _SlowAnswer:
+    """The real Twilio sender, answering ``delay_s`` late (a provider or a host that is slow for a moment)."""
+
+    def __init__(self, inner: TwilioSender, delay_s: float) -> None:
+        self.inner = inner
+        self.delay_s = delay_s
+
+    async def send(self, to: str, body: str) -> SendResult:
+        result = await self.inner.send(to, body)
+        await asyncio.sleep(self.delay_s)
+        return result
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_a_slow_sms_is_logged_with_where_its_time_went(
+    sender: TwilioSender,
+    make_dispatcher: DispatcherFactory,
+    routing: Routing,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="alerting.dispatcher")
+    fast = make_dispatcher(sender, routing)
+    assert await fast.dispatch(anomaly(1, severity="critical"))
+    assert not [r for r in caplog.records if "slow SMS" in r.getMessage()]
+
+    slow = make_dispatcher(_SlowAnswer(sender, 0.06), routing)
+    # Arrived 30 ms before the dispatcher could start on it (a busy input), then Twilio answered 60 ms late.
+    assert await slow.dispatch(anomaly(2, severity="critical"), received=time.perf_counter() - 0.03)
+    lines = [r.getMessage() for r in caplog.records if "slow SMS" in r.getMessage()]
+    assert len(lines) == 2  # one per phone of the route
+    for line in lines:
+        assert "plant-7:s-0042:2" in line
+        waiting, admission, slot, twilio = (
+            float(x) for x in re.findall(r"(?:waiting|admission|claim|Twilio) ([\d.]+)", line)
+        )
+        assert waiting >= 29.0 and twilio >= 59.0 and admission < 60 and slot < 60
+        total = float(re.search(r"accepted ([\d.]+) ms", line).group(1))  # type: ignore[union-attr]
+        assert total >= waiting + twilio

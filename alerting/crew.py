@@ -14,7 +14,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import orjson
@@ -38,14 +38,29 @@ class AlertingConfig:
     pubsub_concurrency: int = 32  # with the stream window, well under redis-py's connection pool limit
     stream_concurrency: int = 16
     use_pubsub: bool = True
+    #: With Pub/Sub on, the stream path leaves an entry younger than this to Pub/Sub (it dispatches it once it is
+    #: this old; a lost Pub/Sub message costs that much more). Both paths at once doubled the alerting crew's work
+    #: at the worst moment: a burst of alerts (a gateway's backlog of one sensor) arrives on both together.
+    stream_grace_s: float = 0.5
 
 
 class StreamHandler:
-    """Dispatches anomaly entries, oldest first; Ack when settled, Hold when not yet (it comes back later)."""
+    """Dispatches anomaly entries, oldest first; Ack when settled, Hold when not yet (it comes back later).
 
-    def __init__(self, dispatcher: Dispatcher, concurrency: int = 16) -> None:
+    ``grace_s``: an entry younger than this (by its id, the server's clock) waits until it is that old first.
+    """
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        concurrency: int = 16,
+        grace_s: float = 0.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.dispatcher = dispatcher
         self.concurrency = concurrency
+        self.grace_s = grace_s
+        self._clock = clock
 
     async def __call__(self, entries: Sequence[Entry]) -> Mapping[str, Outcome]:
         async def one(entry: Entry) -> Outcome:
@@ -64,6 +79,10 @@ class StreamHandler:
         window = asyncio.Semaphore(self.concurrency)
 
         async def in_window(entry: Entry) -> Outcome:
+            if self.grace_s > 0:
+                age = self._clock() - int(entry.id.split("-", 1)[0]) / 1000
+                if age < self.grace_s:
+                    await asyncio.sleep(min(self.grace_s, self.grace_s - age))
             async with window:
                 return await one(entry)
 
@@ -131,7 +150,7 @@ async def run_alerting(
         redis,
         keys.ANOMALIES,
         keys.GROUP_ALERTING,
-        StreamHandler(dispatcher, cfg.stream_concurrency),
+        StreamHandler(dispatcher, cfg.stream_concurrency, cfg.stream_grace_s if cfg.use_pubsub else 0.0),
         consumer=consumer,
         config=cfg.worker,
         stop_event=stop,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -14,11 +16,11 @@ import orjson
 import pytest
 import redis.asyncio as aredis
 
-from alerting.crew import AlertingConfig, run_alerting
+from alerting.crew import AlertingConfig, StreamHandler, run_alerting
 from alerting.routing import Routing
-from alerting.sms import TwilioSender
+from alerting.sms import DryRunSender, TwilioSender
 from handoff import keys
-from handoff.worker import WorkerConfig
+from handoff.worker import Ack, Entry, WorkerConfig
 from simulators.twilio_fake import TwilioFake
 from tests.alerting.conftest import BASIC_ROUTING, FROM, PHONE_A, PHONE_B, DispatcherFactory, anomaly
 
@@ -145,3 +147,26 @@ def test_bad_send_rates_are_refused_at_start(redis_url: str, bad: list[str]) -> 
     )  # fmt: skip
     assert proc.returncode == 2
     assert "--per-number" in proc.stderr and "Traceback" not in proc.stderr
+
+
+async def test_the_stream_path_leaves_a_young_entry_to_pubsub_for_its_grace(
+    make_dispatcher: DispatcherFactory, routing: Routing
+) -> None:
+    out = io.StringIO()
+    handler = StreamHandler(make_dispatcher(DryRunSender(out), routing), grace_s=0.4)
+
+    def entry(seq: int, age_s: float) -> Entry:
+        return Entry(keys.ANOMALIES, f"{int((time.time() - age_s) * 1000)}-0", orjson.dumps(anomaly(seq)))
+
+    started = time.monotonic()
+    old = entry(1, age_s=10.0)
+    assert isinstance((await handler([old]))[old.id], Ack)
+    old_s = time.monotonic() - started
+    started = time.monotonic()
+    young = entry(2, age_s=0.1)
+    outcomes = await handler([young])
+    young_s = time.monotonic() - started
+    assert isinstance(outcomes[young.id], Ack)
+    assert "plant-7:s-0042:1" in out.getvalue() and "plant-7:s-0042:2" in out.getvalue()  # both sent
+    assert old_s < 0.25  # an entry past the grace (a backfill) goes at once
+    assert young_s >= 0.25  # 0.1 s old: waited until 0.4 s old

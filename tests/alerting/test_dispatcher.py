@@ -23,6 +23,7 @@ from alerting.sms import DryRunSender, SendResult, TwilioSender
 from handoff import keys
 from simulators.twilio_fake import Faults, TwilioFake
 from tests.alerting.conftest import (
+    BASIC_ROUTING,
     FROM,
     PHONE_A,
     PHONE_B,
@@ -570,3 +571,37 @@ async def test_a_slow_sms_is_logged_with_where_its_time_went(
         assert waiting >= 29.0 and twilio >= 59.0 and admission < 60 and slot < 60
         total = float(re.search(r"accepted ([\d.]+) ms", line).group(1))  # type: ignore[union-attr]
         assert total >= waiting + twilio
+
+
+class _TaskRecorder:
+    """The real Twilio sender, noting which asyncio task makes each request."""
+
+    def __init__(self, inner: TwilioSender) -> None:
+        self.inner = inner
+        self.tasks: list[asyncio.Task[object] | None] = []
+
+    async def send(self, to: str, body: str) -> SendResult:
+        self.tasks.append(asyncio.current_task())
+        return await self.inner.send(to, body)
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_a_single_phone_is_sent_to_from_the_dispatching_task(
+    sender: TwilioSender, make_dispatcher: DispatcherFactory
+) -> None:
+    """No task hop between admission and the request: a new task would queue behind every other dispatch of a
+    burst (a gateway's backlog of one sensor: dozens of alerts at once, most of them about to fold)."""
+    one_phone = parse_routing(f'[[route]]\nsites = ["*"]\nphones = ["{PHONE_A}"]\n')
+    recorder = _TaskRecorder(sender)
+    d = make_dispatcher(recorder, one_phone)
+    task = asyncio.create_task(d.dispatch(anomaly(1, severity="critical")))
+    assert await task
+    assert recorder.tasks == [task]
+
+    two_phones = make_dispatcher(recorder, parse_routing(BASIC_ROUTING))
+    recorder.tasks.clear()
+    task = asyncio.create_task(two_phones.dispatch(anomaly(2, severity="critical")))
+    assert await task
+    assert len(recorder.tasks) == 2 and task not in recorder.tasks  # several phones: sent side by side

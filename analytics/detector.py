@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import zlib
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -137,8 +138,16 @@ class TrainingWindow:
 
 
 def fit_model(window: TrainingWindow) -> SensorModel:
-    """Fit a new model on a training window. CPU-bound (~0.2 s); run it in a thread or process executor."""
-    return SensorModel(**dict(window.model_params)).fit_matrix(
+    """Fit a new model on a training window. CPU-bound (~0.1 s); run it in a thread or process executor.
+
+    Repeatable: unless ``model_params`` sets ``random_state``, the seed comes from the model version (site, sensor,
+    generation), so the same window always gives the same trees (an alert can be explained later by refitting
+    its model's window) while each sensor and generation gets trees of its own.
+    """
+    params = dict(window.model_params)
+    if params.get("random_state") is None:
+        params["random_state"] = zlib.crc32(window.model_version.encode())
+    return SensorModel(**params).fit_matrix(
         window.values.astype(np.float64), window.metrics, model_version=window.model_version
     )
 

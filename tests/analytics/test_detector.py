@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -143,6 +144,25 @@ def test_refit_leaves_detected_anomalies_out_of_the_training_window() -> None:
     assert model.model_version_ == f"plant-1:s-0001:{window.generation}"
     det.install(model)
     assert det.generation == window.generation
+
+
+def test_a_fit_is_repeatable_and_each_sensor_generation_gets_its_own_trees() -> None:
+    s = Sensor(seed=4)
+    det = warmed_bank(s).sensor(s.site, s.sensor_id)
+    seeded = det.training_window()  # this file's config pins random_state; the crew's does not
+    window = dataclasses.replace(
+        seeded, model_params={k: v for k, v in seeded.model_params.items() if k != "random_state"}
+    )
+    probe = [dict(LEVEL), {**LEVEL, "ph": 8.6}, {**LEVEL, "ph": 6.1, "chlorine_mg_l": 0.1}]
+    first = fit_model(window).score(probe)
+    again = fit_model(window).score(probe)
+    assert np.array_equal(first, again)  # the same window, the same model: an alert can be explained later
+    other = fit_model(dataclasses.replace(window, generation=window.generation + 1)).score(probe)
+    assert not np.array_equal(first, other)  # another generation (or sensor): other trees
+    # An explicit seed in the model parameters wins.
+    pinned = dataclasses.replace(window, model_params={**window.model_params, "random_state": 7})
+    moved = dataclasses.replace(pinned, generation=window.generation + 1)
+    assert np.array_equal(fit_model(pinned).score(probe), fit_model(moved).score(probe))
 
 
 def test_refit_schedule_and_in_flight_protocol() -> None:

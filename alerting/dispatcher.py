@@ -24,6 +24,7 @@ import contextvars
 import enum
 import logging
 import random
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass
@@ -210,7 +211,8 @@ class Dispatcher:
         # reserves its send slot and claims its record: the SMS request can follow at once.
         now_phones = [p for p, due in plan.phones.items() if due is None or due <= now] if plan.routed else []
         base = {"body": body, "ts": model.ts_ms, "n": 0}
-        claim = {**base, "s": "sending", "t": _ms(now), "due": _ms(now + cfg.send_timeout_s)}
+        token = _claim_token()
+        claim = {**base, "s": "sending", "t": _ms(now), "due": _ms(now + cfg.send_timeout_s), "k": token}
         buckets = getattr(self.limiter, "buckets", None)  # a Redis-shared limiter reserves inside the step
         requests = [
             PhoneRequest(phone_field("", p), claim, True, *buckets(p))
@@ -267,7 +269,7 @@ class Dispatcher:
             return True
         sends = [
             *(
-                self._admitted(alert_id, phone, base, admission)
+                self._admitted(alert_id, phone, base, admission, token)
                 for phone, admission in zip(now_phones, admitted, strict=True)
             ),
             *(
@@ -281,13 +283,13 @@ class Dispatcher:
     # ---- one SMS ------------------------------------------------------------------------------------------
 
     async def _admitted(
-        self, alert_id: str, phone: str, base: dict[str, Any], admission: PhoneAdmission
+        self, alert_id: str, phone: str, base: dict[str, Any], admission: PhoneAdmission, token: str
     ) -> bool:
         """Go on from what the admission step did for a phone to send to now."""
         field = phone_field("", phone)
-        if admission.current is not None:
+        if admission.current is not None and not _ours(admission.current, token):
             return await self._settle_existing(alert_id, field, admission.current)
-        if admission.claimed:
+        if admission.claimed or admission.current is not None:
             return await self._send_loop(alert_id, "", phone, base, observe_latency=True)
         if admission.wait_s > 0:  # our slot is reserved but not due yet: claim it when it is
             return await self._claim_and_send(
@@ -346,15 +348,16 @@ class Dispatcher:
             await asyncio.sleep(wait)
         field = phone_field(tag, phone)
         now = self._clock()
+        token = _claim_token()
         # The claim: the compare-and-set returns the existing record instead when someone was first.
         ok, cur = await self.ledger.cas(
             alert_id,
             field,
-            {**base, "s": "sending", "t": _ms(now), "due": _ms(now + self.config.send_timeout_s)},
+            {**base, "s": "sending", "t": _ms(now), "due": _ms(now + self.config.send_timeout_s), "k": token},
             allowed=("",),
             now_ms=_ms(now),
         )
-        if not ok:
+        if not ok and not _ours(cur, token):
             return await self._settle_existing(alert_id, field, cur)
         return await self._send_loop(alert_id, tag, phone, base, observe_latency=observe_latency)
 
@@ -419,14 +422,15 @@ class Dispatcher:
             await asyncio.sleep(wait)
             await self.limiter.acquire(phone)
             now = self._clock()
+            token = _claim_token()
             ok, cur = await self.ledger.cas(
                 alert_id,
                 field,
-                {**rec, "s": "sending", "t": _ms(now), "due": _ms(now + cfg.send_timeout_s)},
+                {**rec, "s": "sending", "t": _ms(now), "due": _ms(now + cfg.send_timeout_s), "k": token},
                 allowed=("retry_wait",),
                 now_ms=_ms(now),
             )
-            if not ok:  # the scheduler took it over (we were too slow): it owns the outcome now
+            if not ok and not _ours(cur, token):  # the scheduler took it over: it owns the outcome now
                 return await self._settle_existing(alert_id, field, cur)
 
     async def _final(
@@ -649,14 +653,15 @@ class Dispatcher:
             return True if ok else await self._settle_existing(alert_id, field, cur)
         await self.limiter.acquire(phone)
         now = self._clock()
+        token = _claim_token()
         ok, cur = await self.ledger.cas(
             alert_id,
             field,
-            {**rec, "s": "sending", "t": _ms(now), "due": _ms(now + self.config.send_timeout_s)},
+            {**rec, "s": "sending", "t": _ms(now), "due": _ms(now + self.config.send_timeout_s), "k": token},
             allowed=(state,),
             now_ms=_ms(now),
         )
-        if not ok:
+        if not ok and not _ours(cur, token):
             return await self._settle_existing(alert_id, field, cur)
         return await self._send_loop(alert_id, tag, phone, rec, observe_latency=False, member=member)
 
@@ -746,6 +751,19 @@ class Dispatcher:
 
     async def aclose(self) -> None:
         await self.sender.aclose()
+
+
+def _claim_token() -> str:
+    """A fresh owner token for a ``sending`` claim (its record's ``k``)."""
+    return secrets.token_hex(8)
+
+
+def _ours(rec: Mapping[str, Any] | None, token: str) -> bool:
+    """Is ``rec`` the claim made with ``token``? A claim's reply can be lost after the server ran it (the
+    connection dropped); redis-py then sends the command again, which finds the record already claimed. Without the
+    token that claim looked like someone else's, was waited for until it counted as abandoned and became an
+    ``unknown`` outcome: an SMS never sent."""
+    return rec is not None and rec.get("s") == "sending" and rec.get("k") == token
 
 
 async def _all_settled(sends: list[Coroutine[Any, Any, bool]]) -> bool:

@@ -9,7 +9,9 @@ At most once per alert and phone (CONTRACT.md section 6): before any request, th
 record into ``sending`` atomically (for an alert's first SMS in the admission script, which also decides folding and
 throttling and reserves the send slot: one round trip before the request; otherwise a compare-and-set); only the
 winner sends, whoever else arrives (the other input, another alerting process, a restart) waits for its outcome
-or, when the claim was abandoned (crash mid-send), records the outcome as ``unknown`` and never resends it. 429 is
+or, when the claim was abandoned (crash mid-send), records the outcome as ``unknown`` and never resends it. A claim
+carries an owner token, so a claim whose reply was lost (the server ran it, the connection dropped, the client sent
+it again and found the record claimed) is recognised as the sender's own and goes out. 429 is
 retried with backoff honouring ``Retry-After``; a 5xx, a timeout or a reset after sending is ``unknown``.
 
 Background work (deferred warnings after quiet hours, 429 retries too long to wait for inline, escalations, fold

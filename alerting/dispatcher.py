@@ -71,9 +71,11 @@ _TRACE: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar
     "wd_dispatch_trace", default=None
 )
 
-#: An SMS accepted more than this long after its alert reached the dispatcher is logged (INFO) with where the time
-#: went: waiting in the input, the admission round trip, the send slot and claim, Twilio's answer.
+#: A live alert's SMS accepted more than this long after the alert arrived is logged (INFO) with where the time
+#: went: waiting in the input, the admission round trip, the send slot and claim, Twilio's answer. At most one such
+#: line per SLOW_SMS_LOG_EVERY_S; the next one counts those left out.
 SLOW_SMS_S = 0.025
+SLOW_SMS_LOG_EVERY_S = 1.0
 
 __all__ = ["AckResult", "DispatchConfig", "Dispatcher"]
 
@@ -151,6 +153,8 @@ class Dispatcher:
         self._clock = clock
         self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         self._due_busy: set[str] = set()
+        self._slow_log_next = 0.0  # perf_counter() before which slow SMS are only counted
+        self._slow_left_out = 0
         self._rng = random.Random()
         read_timeout = getattr(sender, "read_timeout", None)
         if isinstance(read_timeout, int | float) and self.config.send_timeout_s <= read_timeout:
@@ -171,7 +175,8 @@ class Dispatcher:
         and Redis errors as they come (retry later).
         """
         start = time.perf_counter()
-        token = _TRACE.set({"received": start if received is None else received, "start": start})
+        # Only live alerts (Pub/Sub, which passes ``received``) are timed: a backfill waits for the send rate.
+        token = _TRACE.set(None if received is None else {"received": received, "start": start})
         try:
             try:
                 model = Anomaly.model_validate(anomaly)
@@ -477,19 +482,24 @@ class Dispatcher:
                 result.code,
             )
 
-    @staticmethod
-    def _log_if_slow(alert_id: str, phone: str, sending: float) -> None:
-        """Log an SMS accepted more than :data:`SLOW_SMS_S` after its alert arrived, with where the time went."""
+    def _log_if_slow(self, alert_id: str, phone: str, sending: float) -> None:
+        """Log a live alert's SMS accepted :data:`SLOW_SMS_S` or more after the alert arrived, with where the time
+        went (at most one line per :data:`SLOW_SMS_LOG_EVERY_S`)."""
         trace = _TRACE.get()
-        if trace is None:  # sent by the scheduler (a deferred or retried SMS): no arrival to measure from
+        if trace is None:  # not a live alert: the stream path, the scheduler (deferred or retried SMS)
             return
         done = time.perf_counter()
         if done - trace["received"] < SLOW_SMS_S:
             return
+        if done < self._slow_log_next:
+            self._slow_left_out += 1
+            return
+        self._slow_log_next = done + SLOW_SMS_LOG_EVERY_S
+        left_out, self._slow_left_out = self._slow_left_out, 0
         admitted = trace.get("admitted", trace["start"])
         logger.info(
             "slow SMS: alert %s to %s accepted %.1f ms after it arrived (waiting %.1f, admission %.1f, "
-            "send slot and claim %.1f, Twilio %.1f ms)",
+            "send slot and claim %.1f, Twilio %.1f ms)%s",
             alert_id,
             mask_phone(phone),
             (done - trace["received"]) * 1000,
@@ -497,6 +507,7 @@ class Dispatcher:
             (admitted - trace["start"]) * 1000,
             (sending - admitted) * 1000,
             (done - sending) * 1000,
+            f"; {left_out} more slow SMS since the last such line" if left_out else "",
         )
 
     async def _put_outcome(self, alert_id: str, field: str, rec: dict[str, Any], member: str | None) -> None:

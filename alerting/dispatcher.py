@@ -218,8 +218,7 @@ class Dispatcher:
         # reserves its send slot and claims its record: the SMS request can follow at once.
         now_phones = [p for p, due in plan.phones.items() if due is None or due <= now] if plan.routed else []
         base = {"body": body, "ts": model.ts_ms, "n": 0}
-        token = _claim_token()
-        claim = {**base, "s": "sending", "t": _ms(now), "due": _ms(now + cfg.send_timeout_s), "k": token}
+        claim, token = self._claim(base, now)
         buckets = getattr(self.limiter, "buckets", None)  # a Redis-shared limiter reserves inside the step
         requests = [
             PhoneRequest(phone_field("", p), claim, True, *buckets(p))
@@ -355,12 +354,12 @@ class Dispatcher:
             await asyncio.sleep(wait)
         field = phone_field(tag, phone)
         now = self._clock()
-        token = _claim_token()
+        claim, token = self._claim(base, now)
         # The claim: the compare-and-set returns the existing record instead when someone was first.
         ok, cur = await self.ledger.cas(
             alert_id,
             field,
-            {**base, "s": "sending", "t": _ms(now), "due": _ms(now + self.config.send_timeout_s), "k": token},
+            claim,
             allowed=("",),
             now_ms=_ms(now),
         )
@@ -429,11 +428,11 @@ class Dispatcher:
             await asyncio.sleep(wait)
             await self.limiter.acquire(phone)
             now = self._clock()
-            token = _claim_token()
+            claim, token = self._claim(rec, now)
             ok, cur = await self.ledger.cas(
                 alert_id,
                 field,
-                {**rec, "s": "sending", "t": _ms(now), "due": _ms(now + cfg.send_timeout_s), "k": token},
+                claim,
                 allowed=("retry_wait",),
                 now_ms=_ms(now),
             )
@@ -481,6 +480,13 @@ class Dispatcher:
                 result.reason,
                 result.code,
             )
+
+    def _claim(self, rec: Mapping[str, Any], now: float) -> tuple[dict[str, Any], str]:
+        """``rec`` as a ``sending`` claim made now (it counts as abandoned after ``send_timeout_s``), with a fresh
+        owner token (its ``k``, see :func:`_ours`); returns (record, token)."""
+        token = secrets.token_hex(8)
+        due = _ms(now + self.config.send_timeout_s)
+        return {**rec, "s": "sending", "t": _ms(now), "due": due, "k": token}, token
 
     def _log_if_slow(self, alert_id: str, phone: str, sending: float) -> None:
         """Log a live alert's SMS accepted :data:`SLOW_SMS_S` or more after the alert arrived, with where the time
@@ -666,11 +672,11 @@ class Dispatcher:
             return True if ok else await self._settle_existing(alert_id, field, cur)
         await self.limiter.acquire(phone)
         now = self._clock()
-        token = _claim_token()
+        claim, token = self._claim(rec, now)
         ok, cur = await self.ledger.cas(
             alert_id,
             field,
-            {**rec, "s": "sending", "t": _ms(now), "due": _ms(now + self.config.send_timeout_s), "k": token},
+            claim,
             allowed=(state,),
             now_ms=_ms(now),
         )
@@ -764,11 +770,6 @@ class Dispatcher:
 
     async def aclose(self) -> None:
         await self.sender.aclose()
-
-
-def _claim_token() -> str:
-    """A fresh owner token for a ``sending`` claim (its record's ``k``)."""
-    return secrets.token_hex(8)
 
 
 def _ours(rec: Mapping[str, Any] | None, token: str) -> bool:

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import orjson
@@ -55,12 +55,10 @@ class StreamHandler:
         dispatcher: Dispatcher,
         concurrency: int = 16,
         grace_s: float = 0.0,
-        clock: Callable[[], float] = time.time,
     ) -> None:
         self.dispatcher = dispatcher
         self.concurrency = concurrency
         self.grace_s = grace_s
-        self._clock = clock
 
     async def __call__(self, entries: Sequence[Entry]) -> Mapping[str, Outcome]:
         async def one(entry: Entry) -> Outcome:
@@ -80,7 +78,7 @@ class StreamHandler:
 
         async def in_window(entry: Entry) -> Outcome:
             if self.grace_s > 0:
-                age = self._clock() - int(entry.id.split("-", 1)[0]) / 1000
+                age = time.time() - int(entry.id.split("-", 1)[0]) / 1000
                 if age < self.grace_s:
                     await asyncio.sleep(min(self.grace_s, self.grace_s - age))
             async with window:

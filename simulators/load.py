@@ -276,8 +276,10 @@ def build_report(
     r: redis.Redis,
     arrivals: dict[str, float],
     exclude: set[tuple[str, str, int]] | None = None,
+    rewrites: list[tuple[float, float]] | None = None,
 ) -> dict[str, Any]:
-    """The contract's report. ``exclude`` (warm-up readings) counts for loss and duplicates only."""
+    """The contract's report. ``exclude`` (warm-up readings) counts for loss and duplicates only; given the AOF
+    ``rewrites`` of the run (see :func:`aof_rewrites`), each of the slowest anomalies says if it met one."""
     warm = exclude or set()
     stored_at: dict[tuple[str, str, int], int] = {}
     received_at: dict[tuple[str, str, int], int] = {}
@@ -381,6 +383,7 @@ def build_report(
                 "ms": round(ms), "alert_id": aid, "rule": rule, "at_s": round(at / 1000, 1),
                 "published": _utc_ms(t0 + at),
                 "stages_ms": dict(zip(stages, (round(x) for x in split), strict=True)) if split else None,
+                **_rewrite_flag(rewrites, t0 + at, ms),
             }
             for ms, aid, rule, at, split in sorted(slowest, reverse=True)[:5]
         ],
@@ -473,16 +476,15 @@ def aof_rewrites(server_log: Path, since_s: float, until_s: float) -> list[tuple
     return out
 
 
-def mark_rewrites(slowest: list[dict[str, Any]], rewrites: list[tuple[float, float]], near_s: float) -> None:
-    """Flag each of the slowest (``published`` HH:MM:SS.mmm UTC, ``ms``) whose way overlapped an AOF rewrite."""
-    day = near_s - near_s % 86400
-    for item in slowest:
-        h, m, sec = item["published"].split(":")
-        published = day + int(h) * 3600 + int(m) * 60 + float(sec)
-        if published < near_s - 43200:  # the run crossed midnight (UTC)
-            published += 86400
-        done = published + item["ms"] / 1000
-        item["in_rewrite"] = any(start <= done and published <= end for start, end in rewrites)
+def _rewrite_flag(
+    rewrites: list[tuple[float, float]] | None, published_ms: float, ms: float
+) -> dict[str, bool]:
+    """``{"in_rewrite": ...}``: did the way from ``published_ms`` (epoch ms) to ``ms`` later overlap an AOF rewrite
+    (epoch s windows)? Nothing when the rewrites are unknown."""
+    if rewrites is None:
+        return {}
+    start, end = published_ms / 1000, (published_ms + ms) / 1000
+    return {"in_rewrite": any(r0 <= end and start <= r1 for r0, r1 in rewrites)}
 
 
 def slow_commands(r: redis.Redis, since_s: float, until_s: float | None = None) -> dict[str, dict[str, Any]]:
@@ -542,7 +544,7 @@ def run_load(
     say = progress or (lambda _msg: None)
     stack = contextlib.ExitStack()
     fake: Any = None
-    rewrites: list[tuple[float, float]] = []
+    rewrites: list[tuple[float, float]] | None = None  # known for an embedded server only
     warm_fit_args: list[str] = []
     pipeline: Any = None
     with stack:
@@ -702,18 +704,17 @@ def run_load(
         time.sleep(1.0)  # let the last Pub/Sub alerts arrive
         arrivals = listener.collect()
         measured_until_s = time.time()  # before the report reads the whole streams (a stall of its own)
-        report = build_report(cfg, stats, log, r, arrivals, exclude=warm_keys)
+        server = pipeline.redis_server if pipeline is not None else None
+        if server is not None:  # our own server: its log tells the AOF rewrites
+            rewrites = aof_rewrites(server.data_dir / f"{server.name}.log", measured_from_s, measured_until_s)
+        report = build_report(cfg, stats, log, r, arrivals, exclude=warm_keys, rewrites=rewrites)
+        if rewrites is not None:
+            report["aof_rewrites"] = [
+                {"start": _utc_ms(start * 1000), "s": round(end - start, 2)} for start, end in rewrites
+            ]
         if self_contained:
             report["redis_stalls"] = redis_stalls(r, measured_from_s, measured_until_s)
             report["slow_commands"] = slow_commands(r, measured_from_s, measured_until_s)
-            server = pipeline.redis_server if pipeline is not None else None
-            if server is not None:
-                rewrites = aof_rewrites(
-                    server.data_dir / f"{server.name}.log", measured_from_s, measured_until_s
-                )
-                report["aof_rewrites"] = [
-                    {"start": _utc_ms(start * 1000), "s": round(end - start, 2)} for start, end in rewrites
-                ]
         # The host's own speed meanwhile (other guests, clock): the same code is slower when the host is.
         report["host_speed"] = speed.summary(measured_from_s, measured_until_s)
         report["drained"] = drained
@@ -730,11 +731,8 @@ def run_load(
         if fake is not None:
             time.sleep(2.0)  # the last SMS of the run
             report["sms"] = sms_report(
-                [(a.alert_id, a.to, a.at) for a in fake.accepted()], log, warm_keys, arrivals
+                [(a.alert_id, a.to, a.at) for a in fake.accepted()], log, warm_keys, arrivals, rewrites
             )
-        if rewrites:
-            mark_rewrites(report["slowest"], rewrites, measured_from_s)
-            mark_rewrites(report.get("sms", {}).get("slowest", []), rewrites, measured_from_s)
         return report
 
 
@@ -761,9 +759,11 @@ def sms_report(
     log: PublishLog,
     exclude: set[tuple[str, str, int]],
     arrivals: dict[str, float] | None = None,
+    rewrites: list[tuple[float, float]] | None = None,
 ) -> dict[str, Any]:
     """SMS accepted by the Twilio fake: count, duplicates per (alert, phone), latency from the reading's publish,
-    and (given the alerts' Pub/Sub ``arrivals``) the alerting crew's share: alert on Pub/Sub -> SMS accepted."""
+    and (given the alerts' Pub/Sub ``arrivals``) the alerting crew's share: alert on Pub/Sub -> SMS accepted;
+    given the AOF ``rewrites``, each of the slowest SMS says if it met one."""
     publish_ms = log.publish_ms()
     per_key = Counter((alert_id, to) for alert_id, to, _at in accepted)
     latencies = []
@@ -805,6 +805,7 @@ def sms_report(
                 "published": _utc_ms(published),
                 "to_pubsub_ms": None if arrived is None else round(arrived - published),
                 "hop_ms": None if arrived is None else round(ms - (arrived - published)),
+                **_rewrite_flag(rewrites, published, ms),
             }
             for ms, alert_id, published, arrived in sorted(slowest, reverse=True)[:5]
         ],

@@ -18,7 +18,6 @@ from simulators.load import (
     _entry_ms,
     _utc_ms,
     aof_rewrites,
-    mark_rewrites,
     metric_sum,
     redis_stalls,
     slow_commands,
@@ -254,19 +253,24 @@ def test_aof_rewrites_ends_a_rewrite_still_running_at_the_window_end(tmp_path: P
     assert aof_rewrites(tmp_path / "missing.log", 0, start) == []
 
 
-def test_mark_rewrites_flags_the_slowest_whose_way_overlapped_a_rewrite() -> None:
-    near = 1_796_670_000.0
-    day = near - near % 86400
+def test_sms_report_flags_the_slowest_whose_way_overlapped_a_rewrite() -> None:
+    log = PublishLog()
+    base = 1_796_670_000_000.0
 
-    def at(hms: str) -> float:
-        h, m, sec = hms.split(":")
-        return day + int(h) * 3600 + int(m) * 60 + float(sec)
+    def reading(seq: int) -> LabelledReading:
+        return LabelledReading("p", "s", seq, 0, {"ph": 7.0}, None, 0, False, "g")
 
-    slowest = [
-        {"ms": 300, "published": "18:52:27.800"},  # published before, still on its way when it started
-        {"ms": 50, "published": "18:52:29.000"},  # published during
-        {"ms": 40, "published": "18:52:27.000"},  # done before it started
-        {"ms": 40, "published": "18:52:30.000"},  # after it ended
-    ]
-    mark_rewrites(slowest, [(at("18:52:27.948"), at("18:52:29.445"))], near)
-    assert [s["in_rewrite"] for s in slowest] == [True, True, False, False]
+    sent = {1: (0, 300), 2: (1200, 50), 3: (-1000, 40), 4: (2200, 40)}  # seq: (published, ms), ms after base
+    for seq, (at, _ms) in sent.items():
+        log.record([reading(seq)], base + at)
+    accepted = [(f"p:s:{seq}", "+1", (base + at + ms) / 1000) for seq, (at, ms) in sent.items()]
+    rewrite = [((base + 148) / 1000, (base + 1645) / 1000)]
+    report = sms_report(accepted, log, exclude=set(), rewrites=rewrite)
+    flags = {s["alert_id"]: s["in_rewrite"] for s in report["slowest"]}
+    assert flags == {
+        "p:s:1": True,  # published before, still on its way when it started
+        "p:s:2": True,  # published during
+        "p:s:3": False,  # done before it started
+        "p:s:4": False,  # after it ended
+    }
+    assert "in_rewrite" not in sms_report(accepted, log, exclude=set())["slowest"][0]  # rewrites unknown

@@ -183,16 +183,18 @@ def test_the_file_loads_as_an_aclfile(kind: ServerKind, tmp_path: Path) -> None:
             finally:
                 client.close()
         anonymous = redis.Redis.from_url(server.url)
+        as_default = redis.Redis.from_url(server.url, username="default", password="")
         try:
             with pytest.raises(redis.AuthenticationError):
                 anonymous.ping()
             with pytest.raises(redis.AuthenticationError):  # not even a read
                 anonymous.xlen(keys.READINGS)
+            # ``default`` has no password that could let anyone in, and admin administers.
+            with pytest.raises(redis.AuthenticationError):
+                as_default.ping()
         finally:
             anonymous.close()
-        # ``default`` has no password that could let anyone in, and admin administers.
-        with pytest.raises(redis.AuthenticationError):
-            redis.Redis.from_url(server.url, username="default", password="").ping()
+            as_default.close()
         admin = redis.Redis.from_url(server.url, username="admin", password="change-me-admin")
         try:
             assert admin.acl_whoami() in (b"admin", "admin")

@@ -605,23 +605,25 @@ class Dispatcher:
 
     async def run_due_once(self) -> int:
         """Process every due item once (bounded concurrency); returns how many were looked at."""
-        members = [
-            m
-            for m in await self.ledger.due(_ms(self._clock()), self.config.scheduler_batch)
+        items = [
+            (m, due_ms)
+            for m, due_ms in await self.ledger.due(_ms(self._clock()), self.config.scheduler_batch)
             if m not in self._due_busy
         ]
-        if not members:
+        if not items:
             return 0
         sem = asyncio.Semaphore(self.config.scheduler_concurrency)
 
-        async def one(member: str) -> None:
+        async def one(member: str, due_ms: int) -> None:
             async with sem:
                 self._due_busy.add(member)
                 # The scheduler never waits for someone else's in-flight send: it comes back to the item later.
                 _INFLIGHT_WAIT.set(0.0)
                 try:
                     if await self._process_due(member):
-                        await self.ledger.unschedule(member)
+                        # Done with the item as it was picked up; one rescheduled meanwhile (another long 429
+                        # met by this very pass) keeps its new time.
+                        await self.ledger.unschedule_if(member, due_ms)
                     else:
                         await self.ledger.postpone(member, _ms(self._clock() + self.config.postpone_s))
                 except Exception:
@@ -629,8 +631,8 @@ class Dispatcher:
                 finally:
                     self._due_busy.discard(member)
 
-        await asyncio.gather(*(one(m) for m in members))
-        return len(members)
+        await asyncio.gather(*(one(m, due_ms) for m, due_ms in items))
+        return len(items)
 
     async def _process_due(self, member: str) -> bool:
         kind, _, rest = member.partition("|")

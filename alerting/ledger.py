@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import orjson
 import redis.asyncio as aredis
@@ -259,6 +259,15 @@ local before = redis.call('HGET', KEYS[1], 'fs:' .. (g - 1)) or '0'
 return {tonumber(total) - tonumber(before), redis.call('HGET', KEYS[1], 'fl') or ''}
 """
 
+# Remove a due item only if it is still due when it was picked up (its score unchanged): whoever rescheduled it
+# meanwhile (the pass that processed it meeting another long 429, another process) owns the new time.
+# KEYS: due set.  ARGV: member, score seen.  Returns 1 when removed.
+_UNSCHEDULE_IF = """
+local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if s and tonumber(s) == tonumber(ARGV[2]) then return redis.call('ZREM', KEYS[1], ARGV[1]) end
+return 0
+"""
+
 
 def dumps(record: Mapping[str, Any]) -> str:
     return orjson.dumps(record, option=orjson.OPT_SORT_KEYS).decode()
@@ -280,6 +289,7 @@ class Ledger:
         self._admit = redis.register_script(_ADMIT)
         self._cas = redis.register_script(_CAS)
         self._fold_summary = redis.register_script(_FOLD_SUMMARY)
+        self._unschedule_if = redis.register_script(_UNSCHEDULE_IF)
 
     async def admit(
         self,
@@ -425,8 +435,10 @@ class Ledger:
         count, last = await self._fold_summary(keys=[alert_key(lead_id)], args=[generation])
         return int(count), _s(last)
 
-    async def due(self, now_ms: int, limit: int) -> list[str]:
-        return [_s(m) for m in await self.redis.zrangebyscore(DUE_KEY, "-inf", now_ms, start=0, num=limit)]
+    async def due(self, now_ms: int, limit: int) -> list[tuple[str, int]]:
+        """Due items (member, due time in ms), earliest first."""
+        items = await self.redis.zrangebyscore(DUE_KEY, "-inf", now_ms, start=0, num=limit, withscores=True)
+        return [(_s(m), int(score)) for m, score in cast("list[tuple[bytes, float]]", items)]
 
     async def due_count(self) -> int:
         return int(await self.redis.zcard(DUE_KEY))
@@ -438,6 +450,10 @@ class Ledger:
     async def unschedule(self, *members: str) -> None:
         if members:
             await self.redis.zrem(DUE_KEY, *members)
+
+    async def unschedule_if(self, member: str, due_ms: int) -> bool:
+        """Remove ``member`` only if it is still due at ``due_ms`` (not rescheduled since it was read)."""
+        return bool(await self._unschedule_if(keys=[DUE_KEY], args=[member, due_ms]))
 
     async def resolve_code(self, code: str) -> str | None:
         raw = await self.redis.get(ack_code_key(code))

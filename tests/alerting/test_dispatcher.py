@@ -17,7 +17,7 @@ from alerting import dispatcher as dispatcher_module
 from alerting import metrics
 from alerting.dispatcher import DispatchConfig, Dispatcher
 from alerting.errors import InvalidAnomaly
-from alerting.ledger import DUE_KEY, alert_key, phone_field
+from alerting.ledger import DUE_KEY, alert_key, phone_field, send_member
 from alerting.ratelimit import RedisSendRateLimiter
 from alerting.routing import CONSOLE, Routing, parse_routing
 from alerting.sms import DryRunSender, SendResult, TwilioSender
@@ -207,6 +207,34 @@ async def test_long_retry_after_is_deferred_durably_and_sent_by_the_scheduler(
     rec = (await d.ledger.phone_records("plant-7:s-0042:1"))[phone_field("", PHONE_A)]
     assert rec["s"] == "accepted" and rec["n"] == 2
     assert await d2.run_due_once() == 0
+
+
+async def test_a_retry_the_scheduler_meets_another_long_429_with_stays_scheduled(
+    r: aredis.Redis, fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
+) -> None:
+    # Twilio keeps refusing with a long Retry-After (an incident storm): each retry the scheduler makes that is
+    # refused again must stay durably scheduled. Before the fix the scheduler's pass removed the item it had
+    # just rescheduled, and the SMS sat in retry_wait for ever: never sent, never recorded unknown.
+    clock = FakeClock()
+    fake.faults.retry_after = 120
+    fake.script(["429", "429", "429"])
+    routing = parse_routing(f'[[route]]\nsites = ["*"]\nphones = ["{PHONE_A}"]\n')
+    d = make_dispatcher(sender, routing, clock=clock)
+    assert await d.dispatch(anomaly(1)) is True
+    member = send_member("plant-7:s-0042:1", "", PHONE_A)
+    for attempt in (2, 3):
+        clock.advance(121)
+        assert await d.run_due_once() == 1
+        rec = (await d.ledger.phone_records("plant-7:s-0042:1"))[phone_field("", PHONE_A)]
+        assert rec["s"] == "retry_wait" and rec["n"] == attempt
+        assert await r.zscore(DUE_KEY, member) == rec["due"]  # still scheduled, at the new Retry-After
+    assert len(fake.accepted) == 0
+    clock.advance(121)
+    assert await d.run_due_once() == 1
+    rec = (await d.ledger.phone_records("plant-7:s-0042:1"))[phone_field("", PHONE_A)]
+    assert rec["s"] == "accepted" and rec["n"] == 4
+    assert fake.accepted_count("plant-7:s-0042:1", PHONE_A) == 1
+    assert await r.zcard(DUE_KEY) == 0
 
 
 async def test_unknown_outcomes_are_recorded_and_never_resent(

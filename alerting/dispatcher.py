@@ -316,7 +316,10 @@ class Dispatcher:
         ts_ms: int,
         *,
         observe_latency: bool,
+        unless_acked: bool = False,
     ) -> bool:
+        """Send (or defer to ``due``) one SMS of an alert; ``unless_acked``: an escalation or a fold summary,
+        which an acknowledgement arriving while it waits for its send slot cancels."""
         field = phone_field(tag, phone)
         now = self._clock()
         base = {"body": body, "ts": ts_ms, "n": 0}
@@ -344,15 +347,30 @@ class Dispatcher:
             existing = await self.ledger.get(alert_id, field)
             if existing is not None:
                 return await self._settle_existing(alert_id, field, existing)
-        return await self._claim_and_send(alert_id, tag, phone, base, wait, observe_latency=observe_latency)
+        return await self._claim_and_send(
+            alert_id, tag, phone, base, wait, observe_latency=observe_latency, unless_acked=unless_acked
+        )
 
     async def _claim_and_send(
-        self, alert_id: str, tag: str, phone: str, base: dict[str, Any], wait: float, *, observe_latency: bool
+        self,
+        alert_id: str,
+        tag: str,
+        phone: str,
+        base: dict[str, Any],
+        wait: float,
+        *,
+        observe_latency: bool,
+        unless_acked: bool = False,
     ) -> bool:
         """Wait for a reserved send slot, claim the record (absent -> ``sending``) and send."""
+        field = phone_field(tag, phone)
         if wait > 0:
             await asyncio.sleep(wait)
-        field = phone_field(tag, phone)
+            if unless_acked and await self.ledger.acked(alert_id):
+                now = self._clock()
+                cancelled = {**base, "s": "cancelled", "why": "acknowledged", "t": _ms(now)}
+                ok, cur = await self.ledger.cas(alert_id, field, cancelled, allowed=("",), now_ms=_ms(now))
+                return True if ok else await self._settle_existing(alert_id, field, cur)
         now = self._clock()
         claim, token = self._claim(base, now)
         # The claim: the compare-and-set returns the existing record instead when someone was first.
@@ -404,7 +422,7 @@ class Dispatcher:
             inline = attempts < cfg.max_inline_attempts and wait <= cfg.max_inline_wait_s
             # Written before waiting, so a crash here leaves a durable retry, not a lost SMS.
             takeover_ms = due_ms + int(cfg.takeover_grace_s * 1000) if inline else due_ms
-            await self.ledger.put(
+            await self._put_owned(
                 alert_id,
                 field,
                 {**rec, "s": "retry_wait", "due": due_ms, "why": result.reason},
@@ -517,16 +535,30 @@ class Dispatcher:
         )
 
     async def _put_outcome(self, alert_id: str, field: str, rec: dict[str, Any], member: str | None) -> None:
-        # The SMS is out (or its fate is known): losing this write would turn it into an "unknown" later,
-        # so ride out a short Redis blip before giving up.
+        await self._put_owned(alert_id, field, rec, unschedule=member)
+
+    async def _put_owned(
+        self,
+        alert_id: str,
+        field: str,
+        rec: dict[str, Any],
+        *,
+        schedule: tuple[str, int] | None = None,
+        unschedule: str | None = None,
+    ) -> None:
+        """Write a record our ``sending`` claim holds: its outcome, or a 429's durable retry.
+
+        Losing this write would leave the claim to go stale and be recorded "unknown" later (for a 429, an SMS
+        Twilio never accepted), so ride out a short Redis blip before giving up.
+        """
         for attempt in range(6):
             try:
-                await self.ledger.put(alert_id, field, rec, unschedule=member)
+                await self.ledger.put(alert_id, field, rec, schedule=schedule, unschedule=unschedule)
                 return
             except (aredis.ConnectionError, aredis.TimeoutError):
                 if attempt == 5:
                     raise
-                logger.warning("recording the outcome of %s failed; retrying", alert_id)
+                logger.warning("recording %s of %s failed; retrying", rec.get("s"), alert_id)
                 await asyncio.sleep(0.1 * 2**attempt)
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
@@ -661,18 +693,19 @@ class Dispatcher:
             return True
         if int(rec.get("due", 0)) > _ms(now):
             return False  # not yet (rescheduled by its owner); keep the item
-        fields = await self.ledger.alert(alert_id)
-        if "ack" in fields and state == "deferred":
-            ok, cur = await self.ledger.cas(
-                alert_id,
-                field,
-                {**rec, "s": "cancelled", "why": "acknowledged", "t": _ms(now)},
-                allowed=(state,),
-                now_ms=_ms(now),
-                unschedule=member,
-            )
-            return True if ok else await self._settle_existing(alert_id, field, cur)
+        if (
+            state == "deferred"
+            and (done := await self._cancel_if_acked(alert_id, field, rec, member)) is not None
+        ):
+            return done
         await self.limiter.acquire(phone)
+        # Many deferred SMS to one number queue behind its rate bound when quiet hours end: the alert may have
+        # been acknowledged while this one waited for its slot.
+        if (
+            state == "deferred"
+            and (done := await self._cancel_if_acked(alert_id, field, rec, member)) is not None
+        ):
+            return done
         now = self._clock()
         claim, token = self._claim(rec, now)
         ok, cur = await self.ledger.cas(
@@ -685,6 +718,23 @@ class Dispatcher:
         if not ok and not _ours(cur, token):
             return await self._settle_existing(alert_id, field, cur)
         return await self._send_loop(alert_id, tag, phone, rec, observe_latency=False, member=member)
+
+    async def _cancel_if_acked(
+        self, alert_id: str, field: str, rec: dict[str, Any], member: str
+    ) -> bool | None:
+        """Cancel a deferred SMS of an acknowledged alert (settled); None when the alert is not acknowledged."""
+        if not await self.ledger.acked(alert_id):
+            return None
+        now = self._clock()
+        ok, cur = await self.ledger.cas(
+            alert_id,
+            field,
+            {**rec, "s": "cancelled", "why": "acknowledged", "t": _ms(now)},
+            allowed=(str(rec.get("s")),),
+            now_ms=_ms(now),
+            unschedule=member,
+        )
+        return True if ok else await self._settle_existing(alert_id, field, cur)
 
     async def _due_escalation(self, alert_id: str, route: int) -> bool:
         fields = await self.ledger.alert(alert_id)
@@ -702,7 +752,16 @@ class Dispatcher:
         body = format_body(anomaly, code=ack_code(alert_id), escalated=True)
         results = await asyncio.gather(
             *(
-                self._deliver(alert_id, "", p, due, body, int(anomaly["ts_ms"]), observe_latency=False)
+                self._deliver(
+                    alert_id,
+                    "",
+                    p,
+                    due,
+                    body,
+                    int(anomaly["ts_ms"]),
+                    observe_latency=False,
+                    unless_acked=True,
+                )
                 for p in spec["phones"]
             )
         )
@@ -726,7 +785,9 @@ class Dispatcher:
         body = format_body(shown, code=ack_code(lead), alert_id=last_id or lead, folded=count)
         results = await asyncio.gather(
             *(
-                self._deliver(lead, f"f{gen}", p, d, body, int(shown["ts_ms"]), observe_latency=False)
+                self._deliver(
+                    lead, f"f{gen}", p, d, body, int(shown["ts_ms"]), observe_latency=False, unless_acked=True
+                )
                 for p, d in plan.phones.items()
             )
         )

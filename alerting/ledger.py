@@ -455,6 +455,9 @@ class Ledger:
         """Remove ``member`` only if it is still due at ``due_ms`` (not rescheduled since it was read)."""
         return bool(await self._unschedule_if(keys=[DUE_KEY], args=[member, due_ms]))
 
+    async def acked(self, alert_id: str) -> bool:
+        return bool(await self.redis.hexists(alert_key(alert_id), "ack"))
+
     async def resolve_code(self, code: str) -> str | None:
         raw = await self.redis.get(ack_code_key(code))
         return None if raw is None else _s(raw)

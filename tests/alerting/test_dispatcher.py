@@ -9,6 +9,7 @@ import re
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aredis
@@ -259,6 +260,36 @@ async def test_a_retry_the_scheduler_meets_another_long_429_with_stays_scheduled
     assert rec["s"] == "accepted" and rec["n"] == 4
     assert fake.accepted_count("plant-7:s-0042:1", PHONE_A) == 1
     assert await r.zcard(DUE_KEY) == 0
+
+
+async def test_a_redis_blip_recording_a_429_retry_does_not_strand_the_claim(
+    fake: TwilioFake,
+    sender: TwilioSender,
+    make_dispatcher: DispatcherFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Twilio refused (nothing went out) and the write of the retry failed once. Before, the error left the
+    # dispatch holding its `sending` claim: the redelivery found it, waited for it to go stale and recorded the
+    # SMS unknown though Twilio had never accepted it. The write rides the blip out, as the final outcome's does.
+    fake.faults.retry_after = 0.02
+    fake.script(["429"])
+    routing = parse_routing(f'[[route]]\nsites = ["*"]\nphones = ["{PHONE_A}"]\n')
+    d = make_dispatcher(sender, routing)
+    put = d.ledger.put
+    failed: list[str] = []
+
+    async def flaky_put(alert_id: str, field: str, record: Any, **kw: Any) -> None:
+        if record.get("s") == "retry_wait" and not failed:
+            failed.append(alert_id)
+            raise aredis.ConnectionError("Connection reset by peer")
+        await put(alert_id, field, record, **kw)
+
+    monkeypatch.setattr(d.ledger, "put", flaky_put)
+    assert await d.dispatch(anomaly(1)) is True
+    assert failed == ["plant-7:s-0042:1"]
+    rec = (await d.ledger.phone_records("plant-7:s-0042:1"))[phone_field("", PHONE_A)]
+    assert rec["s"] == "accepted" and rec["n"] == 2
+    assert fake.accepted_count("plant-7:s-0042:1", PHONE_A) == 1
 
 
 async def test_unknown_outcomes_are_recorded_and_never_resent(

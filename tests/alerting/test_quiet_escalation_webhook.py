@@ -10,8 +10,9 @@ import aiohttp
 import pytest
 from twilio.request_validator import RequestValidator
 
-from alerting.dispatcher import Dispatcher
+from alerting.dispatcher import AckResult, Dispatcher
 from alerting.ledger import phone_field
+from alerting.ratelimit import SendRateLimiter
 from alerting.routing import parse_routing
 from alerting.sms import TwilioSender
 from alerting.webhook import DEFAULT_PATH, make_webhook_app, start_webhook
@@ -86,6 +87,49 @@ async def test_escalation_of_a_deferred_warning_starts_after_the_quiet_hours(
     clock.now = QUIET_END + 11 * 60
     await d.run_due_once()
     assert [a.to for a in fake.accepted] == [PHONE_A, PHONE_ESC]
+
+
+async def test_an_ack_while_a_deferred_sms_waits_for_its_send_slot_cancels_it(
+    fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
+) -> None:
+    # When quiet hours end, the deferred SMS of one number queue behind its rate bound; an acknowledgement that
+    # arrives meanwhile cancels those of the acknowledged alert (before, only one already past at the start).
+    clock = FakeClock(NIGHT)
+    limiter = SendRateLimiter(per_number_rate=2, per_number_burst=1)
+    d = make_dispatcher(sender, parse_routing(ROUTING.split("escalation")[0]), clock=clock, limiter=limiter)
+    assert await d.dispatch(anomaly(1))  # a warning at night: deferred
+    clock.now = QUIET_END + 1
+    limiter.reserve(PHONE_A)  # the number's slot was just used: this SMS waits ~0.5 s for the next
+    due = asyncio.create_task(d.run_due_once())
+    await asyncio.sleep(0.1)
+    assert not due.done()
+    assert await d.acknowledge("plant-7:s-0042:1", PHONE_A) == (AckResult.ACKED, "plant-7:s-0042:1")
+    assert await due == 1
+    assert fake.accepted == []
+    rec = (await d.ledger.phone_records("plant-7:s-0042:1"))[phone_field("", PHONE_A)]
+    assert rec["s"] == "cancelled" and rec["why"] == "acknowledged"
+    assert await d.ledger.due_count() == 0
+
+
+async def test_an_ack_while_an_escalation_waits_for_its_send_slot_cancels_it(
+    fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
+) -> None:
+    clock = FakeClock(NIGHT)
+    limiter = SendRateLimiter(per_number_rate=2, per_number_burst=1)
+    d = make_dispatcher(sender, parse_routing(ROUTING), clock=clock, limiter=limiter)
+    assert await d.dispatch(anomaly(1, severity="critical"))
+    assert fake.accepted_count("plant-7:s-0042:1", PHONE_A) == 1
+    clock.advance(11 * 60)
+    limiter.reserve(PHONE_ESC)  # the on-call number's slot was just used
+    due = asyncio.create_task(d.run_due_once())
+    await asyncio.sleep(0.1)
+    assert not due.done()
+    assert (await d.acknowledge("plant-7:s-0042:1", PHONE_A))[0] is AckResult.ACKED
+    await due
+    assert fake.accepted_count("plant-7:s-0042:1", PHONE_ESC) == 0
+    rec = (await d.ledger.phone_records("plant-7:s-0042:1"))[phone_field("", PHONE_ESC)]
+    assert rec["s"] == "cancelled" and rec["why"] == "acknowledged"
+    assert await d.ledger.due_count() == 0
 
 
 # ---- webhook ----------------------------------------------------------------------------------------------

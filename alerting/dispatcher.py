@@ -659,7 +659,14 @@ class Dispatcher:
                     else:
                         await self.ledger.postpone(member, _ms(self._clock() + self.config.postpone_s))
                 except Exception:
-                    logger.exception("due item %s failed; it stays scheduled", member.split("|", 2)[:2])
+                    logger.exception(
+                        "due item %s failed; it stays scheduled, retried in %.0fs",
+                        member.split("|", 2)[:2],
+                        self.config.postpone_s,
+                    )
+                    # Not at its old time: items that keep failing would fill every pass and starve the rest.
+                    with contextlib.suppress(Exception):
+                        await self.ledger.postpone(member, _ms(self._clock() + self.config.postpone_s))
                 finally:
                     self._due_busy.discard(member)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,7 +18,15 @@ from alerting.routing import parse_routing
 from alerting.sms import TwilioSender
 from alerting.webhook import DEFAULT_PATH, make_webhook_app, start_webhook
 from simulators.twilio_fake import TwilioFake
-from tests.alerting.conftest import PHONE_A, PHONE_B, PHONE_ESC, DispatcherFactory, FakeClock, anomaly
+from tests.alerting.conftest import (
+    PHONE_A,
+    PHONE_B,
+    PHONE_ESC,
+    PLAIN,
+    DispatcherFactory,
+    FakeClock,
+    anomaly,
+)
 
 # 2026-01-02T00:00:00Z is 00:00 in London (winter): inside 22:00-06:00.
 NIGHT = 1_767_312_000.0
@@ -130,6 +139,37 @@ async def test_an_ack_while_an_escalation_waits_for_its_send_slot_cancels_it(
     rec = (await d.ledger.phone_records("plant-7:s-0042:1"))[phone_field("", PHONE_ESC)]
     assert rec["s"] == "cancelled" and rec["why"] == "acknowledged"
     assert await d.ledger.due_count() == 0
+
+
+async def test_a_due_item_that_fails_is_retried_later_not_ahead_of_the_rest(
+    fake: TwilioFake,
+    sender: TwilioSender,
+    make_dispatcher: DispatcherFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An item whose processing raises stays scheduled, but later: kept at its old time, items that keep failing
+    # came first in every pass (they are the earliest) and, a batch of them, starved all other due work.
+    clock = FakeClock(NIGHT)
+    config = dataclasses.replace(PLAIN, scheduler_batch=1, postpone_s=30.0)
+    d = make_dispatcher(sender, parse_routing(ROUTING.split("escalation")[0]), clock=clock, config=config)
+    assert await d.dispatch(anomaly(1)) and await d.dispatch(anomaly(2))  # both deferred to QUIET_END
+    process = d._process_due
+
+    async def broken_for_alert_1(member: str) -> bool:
+        if "plant-7:s-0042:1|" in member:
+            raise RuntimeError("corrupt item")
+        return await process(member)
+
+    monkeypatch.setattr(d, "_process_due", broken_for_alert_1)
+    clock.now = QUIET_END + 1
+    assert await d.run_due_once() == 1  # the first in order fails...
+    assert await d.run_due_once() == 1  # ...and the next pass gets to the other one
+    assert [a.alert_id for a in fake.accepted] == ["plant-7:s-0042:2"]
+    assert await d.run_due_once() == 0  # the failed one comes back after postpone_s
+    clock.advance(31)
+    monkeypatch.setattr(d, "_process_due", process)
+    assert await d.run_due_once() == 1
+    assert sorted(a.alert_id or "" for a in fake.accepted) == ["plant-7:s-0042:1", "plant-7:s-0042:2"]
 
 
 # ---- webhook ----------------------------------------------------------------------------------------------

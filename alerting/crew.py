@@ -14,8 +14,9 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 import redis.asyncio as aredis
@@ -90,15 +91,21 @@ class StreamHandler:
 
 
 async def listen_pubsub(
-    redis: aredis.Redis, dispatcher: Dispatcher, stop: asyncio.Event, concurrency: int = 64
+    redis: aredis.Redis,
+    dispatcher: Dispatcher,
+    stop: asyncio.Event,
+    concurrency: int = 64,
+    drain_s: float = 8.0,
 ) -> None:
     """Dispatch every anomaly published on ``wd:alerts:v1`` until ``stop``; reconnects with jittered backoff.
 
     Pub/Sub may lose messages (while disconnected); the stream group brings those back, so nothing here retries.
+    On ``stop`` the dispatches under way get ``drain_s`` to finish (within the run loop's grace), then they are
+    cancelled; they are also cancelled, and waited for, when this is: none outlives it, to fail later against a
+    closed sender or Redis client.
     """
     slots = asyncio.Semaphore(concurrency)
     tasks: set[asyncio.Task[None]] = set()
-    failures = 0
 
     async def dispatch(data: bytes, received: float) -> None:
         try:
@@ -108,6 +115,25 @@ async def listen_pubsub(
         finally:
             slots.release()
 
+    try:
+        await _listen(redis, stop, slots, tasks, dispatch)
+        if tasks:
+            await asyncio.wait(tasks, timeout=drain_s)
+    finally:
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _listen(
+    redis: aredis.Redis,
+    stop: asyncio.Event,
+    slots: asyncio.Semaphore,
+    tasks: set[asyncio.Task[None]],
+    dispatch: Callable[[bytes, float], Coroutine[Any, Any, None]],
+) -> None:
+    failures = 0
     while not stop.is_set():
         pubsub = redis.pubsub(ignore_subscribe_messages=True)
         try:
@@ -131,8 +157,6 @@ async def listen_pubsub(
         finally:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
-    if tasks:
-        await asyncio.wait(tasks, timeout=30)
 
 
 async def run_alerting(

@@ -62,6 +62,7 @@ class RawRedis:
         *packed: Packed,
         raise_on_error: bool = True,
         on_retry: Callable[[], None] | None = None,
+        on_sent: Callable[[], None] | None = None,
     ) -> list[Any]:
         """Send the packed commands in one write and return one reply per command.
 
@@ -69,7 +70,8 @@ class RawRedis:
         step; with ``raise_on_error=False`` error replies are returned in place instead. Connection errors get
         the client's retry policy, as in ``execute_command``: the whole write is sent again. A retried command
         may have run the first time with its reply lost: ``on_retry`` is called before each retry so that a
-        caller whose commands deliver something (XREADGROUP) can go and collect it.
+        caller whose commands deliver something (XREADGROUP) can go and collect it. ``on_sent`` is called once the
+        write is handed to the socket, before the replies are awaited (each time, on a retry).
         """
 
         async def failed(_error: BaseException) -> None:
@@ -79,7 +81,7 @@ class RawRedis:
 
         async with self._connection() as conn:
             replies: list[Any] = await conn.retry.call_with_retry(
-                lambda: self._send_read(conn, packed), failed
+                lambda: self._send_read(conn, packed, on_sent), failed
             )
         if raise_on_error:
             for reply in replies:
@@ -95,15 +97,16 @@ class RawRedis:
         *,
         then: Sequence[Packed] = (),
         on_retry: Callable[[], None] | None = None,
+        on_sent: Callable[[], None] | None = None,
     ) -> list[Any]:
         """Run ``script`` once per argument list in ``calls``, then the commands ``then``, all in one write.
 
         Returns every reply in order. Calls answered NOSCRIPT (a restarted or flushed server) did nothing; the
-        script is loaded and only they are sent again. ``on_retry`` as for :meth:`call`.
+        script is loaded and only they are sent again. ``on_retry`` and ``on_sent`` as for :meth:`call`.
         """
         head = ("EVALSHA", script.sha, len(keys), *keys)
         packed = [*(self.pack((*head, *args)) for args in calls), *then]
-        replies = await self.call(*packed, raise_on_error=False, on_retry=on_retry)
+        replies = await self.call(*packed, raise_on_error=False, on_retry=on_retry, on_sent=on_sent)
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
             logger.info("loading script %s on the server", script.sha[:12])
@@ -134,9 +137,13 @@ class RawRedis:
                 await pool.release(conn)
 
     @staticmethod
-    async def _send_read(conn: AbstractConnection, packed: Sequence[Packed]) -> list[Any]:
+    async def _send_read(
+        conn: AbstractConnection, packed: Sequence[Packed], on_sent: Callable[[], None] | None = None
+    ) -> list[Any]:
         if len(packed) == 1:
             await conn.send_packed_command(packed[0])
+            if on_sent is not None:
+                on_sent()
             try:
                 return [await conn.read_response()]
             except ResponseError as exc:
@@ -148,6 +155,8 @@ class RawRedis:
             else:
                 chunks.extend(p)
         await conn.send_packed_command(chunks)
+        if on_sent is not None:
+            on_sent()
         replies: list[Any] = []
         for _ in packed:
             try:

@@ -539,30 +539,69 @@ class ConsumerGroupWorker:
 
     async def _process(self, entries: list[Entry], *, read_next: bool = False) -> None:
         """Handle and commit ``entries`` (in chunks of ``chunk_bytes``, oldest first); with ``read_next`` the last
-        commit's write also reads the next new batch."""
+        commit's write also reads the next new batch.
+
+        Chunks overlap by one: a chunk's commit is sent before the next chunk is handled, and its reply is read
+        after (before the next commit is sent: commits stay in order). Draining a backlog then costs the handler's
+        time per chunk, without a wait for each reply.
+        """
         limit = self.config.chunk_bytes
         if limit <= 0 or len(entries) < 2:
-            await self._process_chunk(entries, read_next=read_next)
+            live = await self._live(entries)
+            if live:
+                await self._commit_outcomes(live, await self._handle(live), read_next=read_next)
             return
         chunks = _chunked(entries, limit)
         last = len(chunks) - 1
-        for i, chunk in enumerate(chunks):
-            # No stop check between chunks: the whole batch is in hand (delivered to us), so it is finished.
-            await self._process_chunk(chunk, read_next=read_next and i == last)
+        loop = asyncio.get_running_loop()
+        commit: asyncio.Task[None] | None = None
+        try:
+            for i, chunk in enumerate(chunks):
+                # No stop check between chunks: the whole batch is in hand (delivered to us), so it is finished.
+                live = await self._live(chunk)
+                if not live:
+                    continue
+                outcomes = await self._handle(live)
+                if commit is not None:
+                    task, commit = commit, None
+                    await task
+                if i == last:
+                    await self._commit_outcomes(live, outcomes, read_next=read_next)
+                    break
+                sent: asyncio.Future[None] = loop.create_future()
 
-    async def _process_chunk(self, entries: list[Entry], *, read_next: bool = False) -> None:
+                def mark(_: object = None, sent: asyncio.Future[None] = sent) -> None:
+                    if not sent.done():
+                        sent.set_result(None)
+
+                commit = asyncio.create_task(self._commit_outcomes(live, outcomes, on_sent=mark))
+                commit.add_done_callback(mark)
+                await sent  # written (or failed): the next chunk is handled while Redis runs it
+            if commit is not None:
+                task, commit = commit, None
+                await task
+        except BaseException as exc:
+            if commit is not None:
+                # The next chunk failed while this commit was in flight: let it finish (its chunk is handled), unless
+                # we are being cancelled. Its own error, if any, would only hide this one.
+                if isinstance(exc, asyncio.CancelledError):
+                    commit.cancel()
+                with contextlib.suppress(BaseException):
+                    await commit
+            raise
+
+    async def _live(self, entries: list[Entry]) -> list[Entry]:
+        """``entries`` less references to entries trimmed away (acknowledged here); counts the batch."""
         live = entries
         gone = [e.id for e in entries if e.deliveries == 0 and not e.payload]
         if gone:
             await self.redis.xack(self.stream, self.group, *gone)
             self.stats.deleted_dropped += len(gone)
             live = [e for e in entries if e.payload or e.deliveries != 0]
-        if not live:
-            return
-        self.stats.batches += 1
-        self.stats.entries += len(live)
-        outcomes = await self._handle(live)
-        await self._commit_outcomes(live, outcomes, read_next=read_next)
+        if live:
+            self.stats.batches += 1
+            self.stats.entries += len(live)
+        return live
 
     async def _handle(self, entries: list[Entry]) -> dict[str, Outcome]:
         started = time.perf_counter()
@@ -585,7 +624,12 @@ class ConsumerGroupWorker:
         return result
 
     async def _commit_outcomes(
-        self, entries: list[Entry], outcomes: Mapping[str, Outcome], *, read_next: bool = False
+        self,
+        entries: list[Entry],
+        outcomes: Mapping[str, Outcome],
+        *,
+        read_next: bool = False,
+        on_sent: Callable[[], None] | None = None,
     ) -> None:
         """Acknowledge the batch: plain acks in one XACK, entries with ops through the commit script, one write.
 
@@ -608,9 +652,11 @@ class ConsumerGroupWorker:
             then.append(self._read_command(">", False))
             on_retry = self._collect_lost_reads
         if body:
-            replies = await raw.evalsha(_COMMIT, (self.stream,), [body], then=then, on_retry=on_retry)
+            replies = await raw.evalsha(
+                _COMMIT, (self.stream,), [body], then=then, on_retry=on_retry, on_sent=on_sent
+            )
         elif then:
-            replies = await raw.call(*then, on_retry=on_retry)
+            replies = await raw.call(*then, on_retry=on_retry, on_sent=on_sent)
         else:
             replies = []
         if read:

@@ -273,9 +273,9 @@ async def test_entries_of_a_read_whose_reply_was_lost_are_handled_without_waitin
     real_send_read = worker._raw._send_read
     lost = 0
 
-    async def lossy_send_read(conn: Any, packed: Sequence[Any]) -> list[Any]:
+    async def lossy_send_read(conn: Any, packed: Sequence[Any], on_sent: Any = None) -> list[Any]:
         nonlocal lost
-        replies = await real_send_read(conn, packed)
+        replies = await real_send_read(conn, packed, on_sent)
         if lost < 2 and any(b">" in (p if isinstance(p, bytes) else b"".join(p))[-8:] for p in packed):
             lost += 1  # the server delivered the entries, the reply never arrived
             raise RedisConnectionError("connection lost while reading the reply")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -11,7 +12,7 @@ import redis.asyncio as aredis
 from alerting.dispatcher import DispatchConfig, Dispatcher
 from alerting.ratelimit import RateLimiter, RedisSendRateLimiter, SendRateLimiter
 from alerting.routing import Routing, parse_routing
-from alerting.sms import SmsSender, TwilioSender
+from alerting.sms import SendResult, SmsSender, TwilioSender
 from simulators.twilio_fake import Faults, TwilioFake
 
 FROM = "+15550000000"
@@ -72,6 +73,21 @@ def anomaly(
 
 #: No folding or throttling: every anomaly is its own alert (most tests count SMS per alert).
 PLAIN = DispatchConfig(fold_window_s=0, throttle_max=0, send_timeout_s=2.0, inflight_wait_s=5.0)
+
+
+class HangingSender:
+    """A sender whose requests never return (a provider that stopped answering, or a process about to die)."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+
+    async def send(self, to: str, body: str) -> SendResult:
+        self.started.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def aclose(self) -> None:
+        return None
 
 
 def fast_limiter() -> SendRateLimiter:

@@ -18,11 +18,19 @@ import redis.asyncio as aredis
 
 from alerting.crew import AlertingConfig, StreamHandler, run_alerting
 from alerting.routing import Routing
-from alerting.sms import DryRunSender, SendResult, TwilioSender
+from alerting.sms import DryRunSender, TwilioSender
 from handoff import keys
 from handoff.worker import Ack, Entry, WorkerConfig
 from simulators.twilio_fake import TwilioFake
-from tests.alerting.conftest import BASIC_ROUTING, FROM, PHONE_A, PHONE_B, DispatcherFactory, anomaly
+from tests.alerting.conftest import (
+    BASIC_ROUTING,
+    FROM,
+    PHONE_A,
+    PHONE_B,
+    DispatcherFactory,
+    HangingSender,
+    anomaly,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -172,28 +180,13 @@ async def test_the_stream_path_leaves_a_young_entry_to_pubsub_for_its_grace(
     assert young_s >= 0.25  # 0.1 s old: waited until 0.4 s old
 
 
-class _HangingSender:
-    """A sender whose requests never finish (a provider that stopped answering)."""
-
-    def __init__(self) -> None:
-        self.started = asyncio.Event()
-
-    async def send(self, to: str, body: str) -> SendResult:
-        self.started.set()
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
-
-    async def aclose(self) -> None:
-        pass
-
-
 async def test_a_cancelled_crew_leaves_no_pubsub_dispatch_running(
     r: aredis.Redis, routing: Routing, make_dispatcher: DispatcherFactory
 ) -> None:
     # The run loop cancels the crew when it overruns its stop grace; the crew's command then closes the sender
     # and the Redis client. A Pub/Sub dispatch left running past that (it was a task of its own, not a child)
     # failed later against closed clients, at whatever point it had reached.
-    sender = _HangingSender()
+    sender = HangingSender()
     config = AlertingConfig(worker=WorkerConfig(batch_size=50, block_ms=20, retry_ms=100), stream_grace_s=5.0)
     task = asyncio.create_task(run_alerting(r, make_dispatcher(sender, routing), asyncio.Event(), config))
     await asyncio.sleep(0.3)  # subscribed

@@ -32,6 +32,7 @@ from tests.alerting.conftest import (
     PLAIN,
     DispatcherFactory,
     FakeClock,
+    HangingSender,
     anomaly,
     fast_limiter,
 )
@@ -324,27 +325,12 @@ async def test_rejected_number_is_final(
     assert recs[phone_field("", "+15551230001")]["s"] == "accepted"
 
 
-class _Hang:
-    """A sender whose request never returns (the process will die mid-send)."""
-
-    def __init__(self) -> None:
-        self.started = asyncio.Event()
-
-    async def send(self, to: str, body: str) -> SendResult:
-        self.started.set()
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
-
-    async def aclose(self) -> None:
-        return None
-
-
 async def test_crash_after_claim_is_unknown_and_not_resent(
     fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
 ) -> None:
     clock = FakeClock()
     routing = parse_routing(f'[[route]]\nsites = ["*"]\nphones = ["{PHONE_A}"]\n')
-    hang = _Hang()
+    hang = HangingSender()
     dying = make_dispatcher(hang, routing, clock=clock)
     task = asyncio.create_task(dying.dispatch(anomaly(1)))
     await asyncio.wait_for(hang.started.wait(), 5)
@@ -369,7 +355,7 @@ async def test_fresh_claim_elsewhere_is_waited_for_not_duplicated(
     fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
 ) -> None:
     routing = parse_routing(f'[[route]]\nsites = ["*"]\nphones = ["{PHONE_A}"]\n')
-    hang = _Hang()
+    hang = HangingSender()
     holder = make_dispatcher(hang, routing)
     task = asyncio.create_task(holder.dispatch(anomaly(1)))
     await asyncio.wait_for(hang.started.wait(), 5)

@@ -25,6 +25,7 @@ from tests.alerting.conftest import (
     PLAIN,
     DispatcherFactory,
     FakeClock,
+    HangingSender,
     anomaly,
 )
 
@@ -283,11 +284,9 @@ async def test_acknowledge_by_escalation_phone_and_twice(fake: TwilioFake, webho
 async def test_scheduler_does_not_block_on_a_send_in_flight_elsewhere(
     fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
 ) -> None:
-    from tests.alerting.test_dispatcher import _Hang
-
     clock = FakeClock(NIGHT)
     routing = parse_routing(ROUTING.split("escalation")[0])
-    hang = _Hang()
+    hang = HangingSender()
     d1 = make_dispatcher(hang, routing, clock=clock)
     assert await d1.dispatch(anomaly(1))
     clock.now = QUIET_END + 1

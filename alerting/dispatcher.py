@@ -746,7 +746,9 @@ class Dispatcher:
     async def _due_escalation(self, alert_id: str, route: int) -> bool:
         fields = await self.ledger.alert(alert_id)
         if "ack" in fields:
-            return True
+            # Acknowledged. An escalation already under way then (its sender crashed mid-send; see acknowledge)
+            # still has claims to settle: recorded unknown once stale, not left "sending" for ever.
+            return await self._settle_claims(alert_id, fields, route)
         spec, anomaly = loads(fields.get(f"e:{route}")), loads(fields.get("a"))
         if spec is None or anomaly is None:
             logger.warning("escalation of %s (route %d) has no data left; dropped", alert_id, route)
@@ -776,6 +778,17 @@ class Dispatcher:
             metrics.ESCALATIONS.inc()
             logger.warning("alert %s unacknowledged: escalated to %d phone(s)", alert_id, len(spec["phones"]))
         return all(results)
+
+    async def _settle_claims(self, alert_id: str, fields: Mapping[str, str], route: int) -> bool:
+        """Settle the ``sending`` claims of a route's escalation phones; True when none is left open."""
+        spec = loads(fields.get(f"e:{route}")) or {}
+        settled = True
+        for phone in spec.get("phones", []):
+            field = phone_field("", phone)
+            rec = loads(fields.get(field))
+            if rec is not None and rec.get("s") == "sending":
+                settled = await self._settle_existing(alert_id, field, rec) and settled
+        return settled
 
     async def _due_fold(self, lead: str, gen: int) -> bool:
         count, last_id = await self.ledger.fold_summary(lead, gen)
@@ -831,7 +844,10 @@ class Dispatcher:
             first = await self.ledger.ack(target, record) or first
             target_fields = fields if target == alert_id else await self.ledger.alert(target)
             routes = [int(k[2:]) for k in target_fields if k.startswith("e:")]
-            await self.ledger.unschedule(*(esc_member(target, r) for r in routes))
+            # Escalations stop here, except one whose sends are under way (claimed): its item settles them.
+            await self.ledger.unschedule(
+                *(esc_member(target, r) for r in routes if not _sending(target_fields, r))
+            )
         if not first:
             return AckResult.ALREADY, alert_id
         metrics.ACKS.inc()
@@ -840,6 +856,15 @@ class Dispatcher:
 
     async def aclose(self) -> None:
         await self.sender.aclose()
+
+
+def _sending(fields: Mapping[str, str], route: int) -> bool:
+    """Is an SMS of this route's escalation claimed (``sending``) in the alert's hash ``fields``?"""
+    spec = loads(fields.get(f"e:{route}")) or {}
+    return any(
+        (rec := loads(fields.get(phone_field("", p)))) is not None and rec.get("s") == "sending"
+        for p in spec.get("phones", [])
+    )
 
 
 def _ours(rec: Mapping[str, Any] | None, token: str) -> bool:

@@ -15,7 +15,7 @@ from alerting.dispatcher import AckResult, Dispatcher
 from alerting.ledger import phone_field
 from alerting.ratelimit import SendRateLimiter
 from alerting.routing import parse_routing
-from alerting.sms import TwilioSender
+from alerting.sms import SendResult, TwilioSender
 from alerting.webhook import DEFAULT_PATH, make_webhook_app, start_webhook
 from simulators.twilio_fake import TwilioFake
 from tests.alerting.conftest import (
@@ -173,6 +173,42 @@ async def test_a_due_item_that_fails_is_retried_later_not_ahead_of_the_rest(
     assert sorted(a.alert_id or "" for a in fake.accepted) == ["plant-7:s-0042:1", "plant-7:s-0042:2"]
 
 
+async def test_an_escalation_cut_mid_send_and_then_acknowledged_is_settled_not_left_sending(
+    fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
+) -> None:
+    # The scheduler claimed the on-call phone and died before Twilio answered; then the alert was acknowledged.
+    # Acknowledging used to drop the escalation's due item, the only thing that would look at that claim again:
+    # the SMS stayed "sending" for ever (never recorded unknown, never counted).
+    hang = HangingSender()
+
+    class Split:
+        async def send(self, to: str, body: str) -> SendResult:
+            return await (hang if to == PHONE_ESC else sender).send(to, body)
+
+        async def aclose(self) -> None:
+            await sender.aclose()
+
+    clock = FakeClock(NIGHT)
+    d = make_dispatcher(Split(), parse_routing(ROUTING), clock=clock)
+    assert await d.dispatch(anomaly(1, severity="critical"))
+    clock.advance(11 * 60)
+    due = asyncio.create_task(d.run_due_once())
+    await asyncio.wait_for(hang.started.wait(), 5)
+    due.cancel()  # the process dies mid-send: its claim stays
+    with pytest.raises(asyncio.CancelledError):
+        await due
+    rec = (await d.ledger.phone_records("plant-7:s-0042:1"))[phone_field("", PHONE_ESC)]
+    assert rec["s"] == "sending"
+    assert (await d.acknowledge("plant-7:s-0042:1", PHONE_A))[0] is AckResult.ACKED
+    assert await d.ledger.due_count() == 1  # kept: it has a claim to settle
+    clock.advance(PLAIN.send_timeout_s + 1)
+    assert await d.run_due_once() == 1
+    rec = (await d.ledger.phone_records("plant-7:s-0042:1"))[phone_field("", PHONE_ESC)]
+    assert rec["s"] == "unknown" and rec["why"] == "stale_claim"
+    assert await d.ledger.due_count() == 0
+    assert fake.accepted_count("plant-7:s-0042:1", PHONE_ESC) == 0
+
+
 # ---- webhook ----------------------------------------------------------------------------------------------
 
 
@@ -284,6 +320,7 @@ async def test_acknowledge_by_escalation_phone_and_twice(fake: TwilioFake, webho
 async def test_scheduler_does_not_block_on_a_send_in_flight_elsewhere(
     fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
 ) -> None:
+
     clock = FakeClock(NIGHT)
     routing = parse_routing(ROUTING.split("escalation")[0])
     hang = HangingSender()

@@ -366,11 +366,8 @@ class Dispatcher:
         field = phone_field(tag, phone)
         if wait > 0:
             await asyncio.sleep(wait)
-            if unless_acked and await self.ledger.acked(alert_id):
-                now = self._clock()
-                cancelled = {**base, "s": "cancelled", "why": "acknowledged", "t": _ms(now)}
-                ok, cur = await self.ledger.cas(alert_id, field, cancelled, allowed=("",), now_ms=_ms(now))
-                return True if ok else await self._settle_existing(alert_id, field, cur)
+            if unless_acked and (done := await self._cancel_if_acked(alert_id, field, base)) is not None:
+                return done
         now = self._clock()
         claim, token = self._claim(base, now)
         # The claim: the compare-and-set returns the existing record instead when someone was first.
@@ -727,9 +724,11 @@ class Dispatcher:
         return await self._send_loop(alert_id, tag, phone, rec, observe_latency=False, member=member)
 
     async def _cancel_if_acked(
-        self, alert_id: str, field: str, rec: dict[str, Any], member: str
+        self, alert_id: str, field: str, rec: dict[str, Any], member: str | None = None
     ) -> bool | None:
-        """Cancel a deferred SMS of an acknowledged alert (settled); None when the alert is not acknowledged."""
+        """Record an SMS of an acknowledged alert cancelled instead of sending it (True once settled); None when
+        the alert is not acknowledged. ``rec``: its deferred record (``member`` its due item), or the base of one
+        not claimed yet."""
         if not await self.ledger.acked(alert_id):
             return None
         now = self._clock()
@@ -737,7 +736,7 @@ class Dispatcher:
             alert_id,
             field,
             {**rec, "s": "cancelled", "why": "acknowledged", "t": _ms(now)},
-            allowed=(str(rec.get("s")),),
+            allowed=(str(rec.get("s", "")),),
             now_ms=_ms(now),
             unschedule=member,
         )
@@ -781,13 +780,9 @@ class Dispatcher:
 
     async def _settle_claims(self, alert_id: str, fields: Mapping[str, str], route: int) -> bool:
         """Settle the ``sending`` claims of a route's escalation phones; True when none is left open."""
-        spec = loads(fields.get(f"e:{route}")) or {}
         settled = True
-        for phone in spec.get("phones", []):
-            field = phone_field("", phone)
-            rec = loads(fields.get(field))
-            if rec is not None and rec.get("s") == "sending":
-                settled = await self._settle_existing(alert_id, field, rec) and settled
+        for field, rec in _escalation_claims(fields, route):
+            settled = await self._settle_existing(alert_id, field, rec) and settled
         return settled
 
     async def _due_fold(self, lead: str, gen: int) -> bool:
@@ -846,7 +841,7 @@ class Dispatcher:
             routes = [int(k[2:]) for k in target_fields if k.startswith("e:")]
             # Escalations stop here, except one whose sends are under way (claimed): its item settles them.
             await self.ledger.unschedule(
-                *(esc_member(target, r) for r in routes if not _sending(target_fields, r))
+                *(esc_member(target, r) for r in routes if not _escalation_claims(target_fields, r))
             )
         if not first:
             return AckResult.ALREADY, alert_id
@@ -858,13 +853,16 @@ class Dispatcher:
         await self.sender.aclose()
 
 
-def _sending(fields: Mapping[str, str], route: int) -> bool:
-    """Is an SMS of this route's escalation claimed (``sending``) in the alert's hash ``fields``?"""
+def _escalation_claims(fields: Mapping[str, str], route: int) -> list[tuple[str, dict[str, Any]]]:
+    """The (field, record) of each SMS of this route's escalation claimed (``sending``) in the alert's hash."""
     spec = loads(fields.get(f"e:{route}")) or {}
-    return any(
-        (rec := loads(fields.get(phone_field("", p)))) is not None and rec.get("s") == "sending"
-        for p in spec.get("phones", [])
-    )
+    claims = []
+    for phone in spec.get("phones", []):
+        field = phone_field("", phone)
+        rec = loads(fields.get(field))
+        if rec is not None and rec.get("s") == "sending":
+            claims.append((field, rec))
+    return claims
 
 
 def _ours(rec: Mapping[str, Any] | None, token: str) -> bool:

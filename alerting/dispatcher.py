@@ -473,7 +473,7 @@ class Dispatcher:
             rec["why"] = result.reason
         if result.code is not None:
             rec["code"] = result.code
-        await self._put_outcome(alert_id, field, rec, member)
+        await self._put_owned(alert_id, field, rec, unschedule=member)
         metrics.SMS_TOTAL.labels(outcome).inc()
         if result.outcome in (Outcome.ACCEPTED, Outcome.DRY_RUN):
             if observe_latency:
@@ -530,9 +530,6 @@ class Dispatcher:
             (done - sending) * 1000,
             f"; {left_out} more slow SMS since the last such line" if left_out else "",
         )
-
-    async def _put_outcome(self, alert_id: str, field: str, rec: dict[str, Any], member: str | None) -> None:
-        await self._put_owned(alert_id, field, rec, unschedule=member)
 
     async def _put_owned(
         self,

@@ -1,8 +1,9 @@
 """The analytics crew: a member of group ``analytics`` on ``wd:readings:v1`` that scores every reading.
 
 Per batch (bounded by count and by a few milliseconds of waiting, see :class:`handoff.worker.WorkerConfig`; a
-large batch is handled and committed in chunks of 16 KiB of entries, oldest first, so after a stall the oldest
-readings' anomalies are not held back until the whole backlog is scored): decode every entry, hand all readings to the :class:`~analytics.detector.DetectorBank` in one call (one scorer call
+large batch is handled and committed in chunks, oldest first: 16 KiB of entries, then each chunk up to twice the
+one before until 128 KiB, so after a stall the oldest readings' anomalies are not held back until the whole backlog
+is scored, and the rest of the backlog costs a few calls): decode every entry, hand all readings to the :class:`~analytics.detector.DetectorBank` in one call (one scorer call
 per sensor), and return for each entry an :class:`~handoff.worker.Ack` carrying its anomalies' XADD (MINID-trimmed
 to the retention window) and PUBLISH. The worker commits those writes and the XACK in one atomic script that writes
 only if the XACK removed the entry from the pending list, so a reading yields at most one anomaly entry however
@@ -72,7 +73,9 @@ THREAD_SCORING_ABOVE = 5000
 class AnalyticsConfig:
     retention_days: float = 30.0
     worker: WorkerConfig = field(
-        default_factory=lambda: WorkerConfig(batch_size=500, block_ms=5, chunk_bytes=16 * 1024)
+        default_factory=lambda: WorkerConfig(
+            batch_size=500, block_ms=5, chunk_bytes=16 * 1024, chunk_bytes_max=128 * 1024
+        )
     )
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     #: Where fits run: ``"process"`` (child processes at ``refit_nice``, the default) or ``"thread"`` (this

@@ -1,7 +1,8 @@
 """Backlog drain through the consumer-group worker in chunks (what analytics does after a stall).
 
 A stream holds ``--entries`` entries of ~15 KiB (a gateway batch of 100 readings); the worker reads them 500 at a
-time and handles and commits them in chunks of 16 KiB, one entry each, as the analytics crew does. The handler spins
+time and handles and commits them in chunks of 16 KiB (one entry), each further chunk of a batch up to twice the one
+before until ``--chunk-max-kb`` (default 128, as the analytics crew; ``--chunk-max-kb 16``: every chunk one entry). The handler spins
 for ``--work-us`` per entry (scoring 100 readings costs ~0.9 ms) and emits one anomaly (XADD and PUBLISH) per entry.
 Reported: wall time per entry from the first read until nothing is pending, median of ``--runs`` runs, on a
 private ``redis-server`` (never the shared one). With ``--hogs N``, N busy processes share the cores (the pipeline
@@ -11,6 +12,7 @@ The code measured is whatever ``handoff`` imports: run it twice, once with ``PYT
 the baseline (``git worktree add --detach /tmp/base <commit>``), for a side-by-side comparison from the same session.
 
 Usage: .venv/bin/python benchmarks/bench_backlog.py [--entries 1000] [--runs 7] [--work-us 900] [--hogs 0]
+       [--chunk-max-kb 128]
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def _spin() -> None:  # pragma: no cover - a CPU hog in a child process
         pass
 
 
-async def drain_once(url: str, run: int, entries: int, work_s: float) -> float:
+async def drain_once(url: str, run: int, entries: int, work_s: float, chunk_max: int) -> float:
     r = aredis.Redis.from_url(url)
     stream, out = f"bench:in:{run}", f"bench:out:{run}"
     await StreamProducer(r, stream).add_many([{"n": i, "pad": "x" * 15_000} for i in range(entries)])
@@ -55,7 +57,11 @@ async def drain_once(url: str, run: int, entries: int, work_s: float) -> float:
         return {e.id: Ack([XAdd(out, b'{"a":1}'), Publish("bench:alerts", b'{"a":1}')]) for e in batch}
 
     worker = ConsumerGroupWorker(
-        r, stream, "g", handler, config=WorkerConfig(batch_size=500, block_ms=5, chunk_bytes=16 * 1024)
+        r,
+        stream,
+        "g",
+        handler,
+        config=WorkerConfig(batch_size=500, block_ms=5, chunk_bytes=16 * 1024, chunk_bytes_max=chunk_max),
     )
     await worker.ensure_group()
     t0 = time.perf_counter()
@@ -76,6 +82,7 @@ async def main() -> None:
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--work-us", type=float, default=900.0)
     ap.add_argument("--hogs", type=int, default=0)
+    ap.add_argument("--chunk-max-kb", type=int, default=128)
     args = ap.parse_args()
     hogs = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(args.hogs)]
     for h in hogs:
@@ -83,7 +90,8 @@ async def main() -> None:
     try:
         with RedisServer("redis") as server:
             times = [
-                await drain_once(server.url, i, args.entries, args.work_us / 1e6) for i in range(args.runs)
+                await drain_once(server.url, i, args.entries, args.work_us / 1e6, args.chunk_max_kb * 1024)
+                for i in range(args.runs)
             ]
     finally:
         for h in hogs:
@@ -92,7 +100,7 @@ async def main() -> None:
     print(
         f"handoff from {os.path.dirname(handoff.__file__)}; {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; {args.entries} entries, work {args.work_us:.0f} us, "
-        f"hogs {args.hogs}"
+        f"hogs {args.hogs}, chunks 16 KiB growing to {args.chunk_max_kb} KiB"
     )
     print(f"drain us/entry: median {statistics.median(per):.0f} (runs: {', '.join(f'{x:.0f}' for x in per)})")
 

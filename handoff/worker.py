@@ -24,9 +24,10 @@ packed by hiredis and their replies parsed without redis-py's callbacks (:mod:`h
 op's command once per batch and two arguments per entry; the plain XACK and the next batch's (non-blocking) read
 ride in the commit's write, so a busy worker makes one round trip per batch. The read runs on the server after the
 commit, and a batch read that way when a stop arrives is handled before :meth:`ConsumerGroupWorker.run` returns.
-With ``chunk_bytes`` a large batch is handled and committed in chunks, oldest first (one more round trip each): a
-backlog's oldest entries are then out in the time of one chunk rather than of the whole batch (what analytics uses,
-for latency after a stall).
+With ``chunk_bytes`` a large batch is handled and committed in chunks, oldest first: a backlog's oldest entries are
+then out in the time of one chunk rather than of the whole batch (what analytics uses, for latency after a stall).
+A chunk's commit is in flight while the next is handled, and with ``chunk_bytes_max`` each further chunk may be
+twice the size of the one before, so a long backlog costs a few handler calls, not one per small chunk.
 """
 
 from __future__ import annotations
@@ -223,8 +224,13 @@ class WorkerConfig:
     delete_idle_consumers_ms: int = 24 * 3600 * 1000
     #: Handle and commit a read batch in chunks of at most this many payload bytes (at least one entry each;
     #: 0: the whole batch at once). After a stall the oldest entries then go out first instead of waiting for the
-    #: whole backlog to be handled; each chunk costs one more round trip.
+    #: whole backlog to be handled; each chunk costs one more handler call and commit.
     chunk_bytes: int = 0
+    #: With ``chunk_bytes``: each further chunk of a batch may hold twice as much as the one before, up to this many
+    #: bytes (0 or at most ``chunk_bytes``: every chunk the same). The oldest entries still go out in the time of
+    #: one small chunk, and a long backlog is drained in a few calls instead of one per entry: its last entries are
+    #: out sooner (a chunk's fixed cost is paid log-many times, not once per chunk of the smallest size).
+    chunk_bytes_max: int = 0
 
 
 def default_consumer_name(prefix: str = "") -> str:
@@ -551,7 +557,7 @@ class ConsumerGroupWorker:
             if live:
                 await self._commit_outcomes(live, await self._handle(live), read_next=read_next)
             return
-        chunks = _chunked(entries, limit)
+        chunks = _chunked(entries, limit, self.config.chunk_bytes_max)
         last = len(chunks) - 1
         loop = asyncio.get_running_loop()
         commit: asyncio.Task[None] | None = None
@@ -787,8 +793,9 @@ _set_payload = _slot["payload"].__set__
 _set_deliveries = _slot["deliveries"].__set__
 
 
-def _chunked(entries: list[Entry], limit: int) -> list[list[Entry]]:
-    """Split ``entries`` in order into runs of at most ``limit`` payload bytes (a larger entry stands alone)."""
+def _chunked(entries: list[Entry], limit: int, limit_max: int = 0) -> list[list[Entry]]:
+    """Split ``entries`` in order into runs of at most ``limit`` payload bytes (a larger entry stands alone); with
+    ``limit_max`` the limit doubles from one run to the next, up to ``limit_max``."""
     chunks: list[list[Entry]] = []
     chunk: list[Entry] = []
     size = 0
@@ -797,6 +804,8 @@ def _chunked(entries: list[Entry], limit: int) -> list[list[Entry]]:
         if chunk and size + n > limit:
             chunks.append(chunk)
             chunk, size = [], 0
+            if limit < limit_max:
+                limit = min(2 * limit, limit_max)
         chunk.append(e)
         size += n
     if chunk:

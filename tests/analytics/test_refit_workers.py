@@ -129,7 +129,12 @@ async def test_a_crew_killed_with_sigkill_leaves_no_fit_process(redis_only_url: 
 
 
 def test_cli_refuses_invalid_refit_and_chunk_options(redis_only_url: str) -> None:
-    for bad in (["--refit-workers", "0"], ["--refit-nice", "25"], ["--chunk-kb", "-1"]):
+    for bad in (
+        ["--refit-workers", "0"],
+        ["--refit-nice", "25"],
+        ["--chunk-kb", "-1"],
+        ["--chunk-max-kb", "-1"],
+    ):
         done = subprocess.run(
             [sys.executable, "-m", "waterdoctor.cli", "analytics", "--metrics-port", "0", *bad],
             cwd=ROOT, env={**os.environ, "WD_REDIS_URL": redis_only_url}, capture_output=True, text=True,

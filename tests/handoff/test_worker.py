@@ -278,6 +278,34 @@ async def test_a_batch_is_handled_and_committed_in_chunks_oldest_first(r: aredis
     assert await pending(r) == 0
 
 
+@pytest.mark.parametrize(
+    ("chunk_max_kb", "sizes"), [(12, [3, 6, 11]), (6, [3, 6, 6, 5]), (2, [3, 3, 3, 3, 3, 3, 2])]
+)
+async def test_each_further_chunk_may_double_up_to_the_maximum(
+    r: aredis.Redis, chunk_max_kb: int, sizes: list[int]
+) -> None:
+    # Payloads of ~1 KiB; the first chunk at most 3 KiB, then 6, 12...: the oldest entries still go out first, in a
+    # small chunk, and the rest of the backlog in a few calls. A maximum below the first size changes nothing.
+    await StreamProducer(r, STREAM).add_many([{"n": i, "pad": "x" * 1000} for i in range(20)])
+    calls: list[list[int]] = []
+
+    async def handler(entries: Sequence[Entry]) -> Mapping[str, Outcome]:
+        calls.append([e.json()["n"] for e in entries])
+        return {e.id: Ack([XAdd(OUT, e.payload)]) for e in entries}
+
+    config = WorkerConfig(batch_size=20, chunk_bytes=3 * 1024, chunk_bytes_max=chunk_max_kb * 1024)
+    worker = ConsumerGroupWorker(r, STREAM, GROUP, handler, config=config)
+
+    async def done() -> bool:
+        return await r.xlen(OUT) == 20
+
+    await run_until(worker, done)
+    assert [len(c) for c in calls] == sizes
+    assert [n for c in calls for n in c] == list(range(20))
+    assert await out_ns(r) == list(range(20))
+    assert await pending(r) == 0
+
+
 async def test_an_entry_larger_than_a_chunk_is_handled_alone(r: aredis.Redis) -> None:
     await StreamProducer(r, STREAM).add_many([{"n": 0}, {"n": 1, "pad": "x" * 5000}, {"n": 2}, {"n": 3}])
     calls: list[list[int]] = []

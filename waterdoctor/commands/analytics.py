@@ -27,6 +27,13 @@ def add_parser(subparsers: Any) -> None:
         help="score and commit a batch in chunks of this many KiB of entries, oldest first, so a backlog's "
         "oldest anomalies go out first (default 16: one gateway batch of 100 readings; 0: whole batches)",
     )
+    p.add_argument(
+        "--chunk-max-kb",
+        type=int,
+        default=128,
+        help="each further chunk of a batch may hold twice as much as the one before, up to this many KiB, so a "
+        "long backlog is scored in a few calls (default 128; at most --chunk-kb: every chunk the same)",
+    )
     p.add_argument("--warmup", type=int, default=200, help="readings per sensor before its first model")
     p.add_argument("--window", type=int, default=4096, help="training window per sensor")
     p.add_argument("--refit-every", type=int, default=2048, help="accepted readings between refits")
@@ -59,8 +66,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.refit_workers < 1 or not 0 <= args.refit_nice <= 19:
         print("analytics: --refit-workers must be >= 1 and --refit-nice between 0 and 19", file=sys.stderr)
         return 2
-    if args.chunk_kb < 0:
-        print("analytics: --chunk-kb must be >= 0", file=sys.stderr)
+    if args.chunk_kb < 0 or args.chunk_max_kb < 0:
+        print("analytics: --chunk-kb and --chunk-max-kb must be >= 0", file=sys.stderr)
         return 2
     url = settings.require_redis_url()
     config = AnalyticsConfig(
@@ -71,6 +78,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             max_deliveries=settings.max_deliveries,
             claim_idle_ms=settings.claim_idle_ms,
             chunk_bytes=args.chunk_kb * 1024,
+            chunk_bytes_max=args.chunk_max_kb * 1024,
         ),
         detector=DetectorConfig(warmup=args.warmup, window=args.window, refit_every=args.refit_every),
         max_fits_per_s=args.fits_per_s,

@@ -618,24 +618,56 @@ class Dispatcher:
     # ---- durable background work --------------------------------------------------------------------------
 
     async def run_scheduler(self, stop: asyncio.Event) -> None:
-        """Poll due work until ``stop`` is set; errors are logged and the loop carries on."""
-        while not stop.is_set():
-            try:
-                n = await self.run_due_once()
-            except Exception:
-                logger.exception("alert scheduler pass failed; retrying")
-                n = 0
-            if n == 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.config.scheduler_interval_s)
+        """Run due work until ``stop`` is set; errors are logged and the loop carries on.
+
+        Items run as tasks, at most ``scheduler_concurrency`` at once, and a poll does not wait for the items of the
+        last one: an item that takes long (a send waiting for its number's slot, or out a 429's ``Retry-After``)
+        holds one slot, while work that falls due meanwhile goes out at the next poll. On ``stop`` the items in
+        hand are finished; cancelled, they are cancelled too (an interrupted send is settled by the next start).
+        """
+        limit = max(1, self.config.scheduler_concurrency)
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while not stop.is_set():
+                room = limit - len(running)
+                items: list[tuple[str, int]] = []
+                if room > 0:
+                    try:
+                        items = await self._due_items(room)
+                    except Exception:
+                        logger.exception("alert scheduler poll failed; retrying")
+                for member, due_ms in items:
+                    self._due_busy.add(member)  # before the task runs: the next poll must not pick it again
+                    task = asyncio.create_task(self._run_due(member, due_ms), name="alerts-due")
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                if items and len(items) == room:
+                    # Every slot busy, maybe more due: poll again when a slot frees (or after the interval).
+                    wait: set[asyncio.Future[Any]] = {*running, asyncio.ensure_future(stop.wait())}
+                    try:
+                        await asyncio.wait(
+                            wait,
+                            timeout=self.config.scheduler_interval_s,
+                            return_when=asyncio.FIRST_COMPLETED,
+                        )
+                    finally:
+                        for f in wait - running:
+                            f.cancel()
+                elif not items:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), self.config.scheduler_interval_s)
+                # else: everything due was started; poll again at once for what fell due meanwhile
+        except BaseException:
+            for task in running:
+                task.cancel()
+            raise
+        finally:
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
 
     async def run_due_once(self) -> int:
-        """Process every due item once (bounded concurrency); returns how many were looked at."""
-        items = [
-            (m, due_ms)
-            for m, due_ms in await self.ledger.due(_ms(self._clock()), self.config.scheduler_batch)
-            if m not in self._due_busy
-        ]
+        """Process every due item once (bounded concurrency) and wait for them; returns how many were looked at."""
+        items = await self._due_items(self.config.scheduler_batch)
         if not items:
             return 0
         sem = asyncio.Semaphore(self.config.scheduler_concurrency)
@@ -643,29 +675,38 @@ class Dispatcher:
         async def one(member: str, due_ms: int) -> None:
             async with sem:
                 self._due_busy.add(member)
-                # The scheduler never waits for someone else's in-flight send: it comes back to the item later.
-                _INFLIGHT_WAIT.set(0.0)
-                try:
-                    if await self._process_due(member):
-                        # Done with the item as it was picked up; one rescheduled meanwhile (another long 429
-                        # met by this very pass) keeps its new time.
-                        await self.ledger.unschedule_if(member, due_ms)
-                    else:
-                        await self.ledger.postpone(member, _ms(self._clock() + self.config.postpone_s))
-                except Exception:
-                    logger.exception(
-                        "due item %s failed; it stays scheduled, retried in %.0fs",
-                        member.split("|", 2)[:2],
-                        self.config.postpone_s,
-                    )
-                    # Not at its old time: items that keep failing would fill every pass and starve the rest.
-                    with contextlib.suppress(Exception):
-                        await self.ledger.postpone(member, _ms(self._clock() + self.config.postpone_s))
-                finally:
-                    self._due_busy.discard(member)
+                await self._run_due(member, due_ms)
 
         await asyncio.gather(*(one(m, due_ms) for m, due_ms in items))
         return len(items)
+
+    async def _due_items(self, limit: int) -> list[tuple[str, int]]:
+        """Up to ``limit`` due items (member, due time in ms), oldest first, none already being processed here."""
+        due = await self.ledger.due(_ms(self._clock()), limit + len(self._due_busy))
+        return [(m, due_ms) for m, due_ms in due if m not in self._due_busy][:limit]
+
+    async def _run_due(self, member: str, due_ms: int) -> None:
+        """Process one due item picked up at ``due_ms`` (the caller put it in ``_due_busy``; taken out here)."""
+        # The scheduler never waits for someone else's in-flight send: it comes back to the item later.
+        _INFLIGHT_WAIT.set(0.0)
+        try:
+            if await self._process_due(member):
+                # Done with the item as it was picked up; one rescheduled meanwhile (another long 429 met by
+                # this very pass) keeps its new time.
+                await self.ledger.unschedule_if(member, due_ms)
+            else:
+                await self.ledger.postpone(member, _ms(self._clock() + self.config.postpone_s))
+        except Exception:
+            logger.exception(
+                "due item %s failed; it stays scheduled, retried in %.0fs",
+                member.split("|", 2)[:2],
+                self.config.postpone_s,
+            )
+            # Not at its old time: items that keep failing would fill every pass and starve the rest.
+            with contextlib.suppress(Exception):
+                await self.ledger.postpone(member, _ms(self._clock() + self.config.postpone_s))
+        finally:
+            self._due_busy.discard(member)
 
     async def _process_due(self, member: str) -> bool:
         kind, _, rest = member.partition("|")

@@ -121,6 +121,71 @@ async def test_an_ack_while_a_deferred_sms_waits_for_its_send_slot_cancels_it(
     assert await d.ledger.due_count() == 0
 
 
+async def test_work_that_falls_due_while_an_item_waits_goes_out_without_waiting_for_it(
+    fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
+) -> None:
+    # Two sites' warnings deferred by quiet hours ending at 06:00 and 07:00. The first waits 2 s for its number's
+    # send slot; the second falls due meanwhile and must not wait behind it (a poll used to wait for every item it
+    # had started before looking again).
+    routing = parse_routing(
+        f"""
+[[route]]
+sites = ["plant-7"]
+phones = ["{PHONE_A}"]
+quiet_hours = {{ start = "22:00", end = "06:00", tz = "Europe/London" }}
+
+[[route]]
+sites = ["plant-8"]
+phones = ["{PHONE_B}"]
+quiet_hours = {{ start = "22:00", end = "07:00", tz = "Europe/London" }}
+"""
+    )
+    clock = FakeClock(NIGHT)
+    limiter = SendRateLimiter(per_number_rate=0.5, per_number_burst=1)
+    config = dataclasses.replace(PLAIN, scheduler_interval_s=0.02)
+    d = make_dispatcher(sender, routing, clock=clock, limiter=limiter, config=config)
+    assert await d.dispatch(anomaly(1))
+    assert await d.dispatch(anomaly(2, site="plant-8"))
+    assert fake.accepted == []
+    clock.now = QUIET_END + 1
+    limiter.reserve(PHONE_A)  # the first SMS waits ~2 s for its number's next slot
+    stop = asyncio.Event()
+    scheduler = asyncio.create_task(d.run_scheduler(stop))
+    try:
+        await asyncio.sleep(0.2)
+        clock.now = QUIET_END + 3600 + 1
+        async with asyncio.timeout(1.0):
+            while fake.accepted_count("plant-8:s-0042:2", PHONE_B) == 0:
+                await asyncio.sleep(0.01)
+        assert fake.accepted_count("plant-7:s-0042:1", PHONE_A) == 0  # still waiting for its slot
+    finally:
+        stop.set()
+        await asyncio.wait_for(scheduler, 10)  # the item in hand is finished, not dropped
+    assert fake.accepted_count("plant-7:s-0042:1", PHONE_A) == 1
+    assert fake.accepted_count("plant-8:s-0042:2", PHONE_B) == 1
+    assert await d.ledger.due_count() == 0
+
+
+async def test_a_cancelled_scheduler_cancels_the_items_in_hand(
+    fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
+) -> None:
+    clock = FakeClock(NIGHT)
+    limiter = SendRateLimiter(per_number_rate=0.1, per_number_burst=1)
+    d = make_dispatcher(sender, parse_routing(ROUTING.split("escalation")[0]), clock=clock, limiter=limiter)
+    assert await d.dispatch(anomaly(1))
+    clock.now = QUIET_END + 1
+    limiter.reserve(PHONE_A)  # waits ~10 s for its slot
+    scheduler = asyncio.create_task(d.run_scheduler(asyncio.Event()))
+    await asyncio.sleep(0.2)
+    assert [t for t in asyncio.all_tasks() if t.get_name() == "alerts-due"]
+    scheduler.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(scheduler, 2)
+    assert [t for t in asyncio.all_tasks() if t.get_name() == "alerts-due"] == []
+    assert fake.accepted == []
+    assert await d.ledger.due_count() == 1  # still scheduled: the next start sends it
+
+
 async def test_an_ack_while_an_escalation_waits_for_its_send_slot_cancels_it(
     fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
 ) -> None:

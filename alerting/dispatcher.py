@@ -811,10 +811,13 @@ class Dispatcher:
                 for p in spec["phones"]
             )
         )
-        if all(results):
+        if not all(results):
+            return False
+        # Every process that looks at this escalation once its SMS are settled gets here: count it once.
+        if await self.ledger.first_to_mark(alert_id, f"x:{route}"):
             metrics.ESCALATIONS.inc()
             logger.warning("alert %s unacknowledged: escalated to %d phone(s)", alert_id, len(spec["phones"]))
-        return all(results)
+        return True
 
     async def _settle_claims(self, alert_id: str, fields: Mapping[str, str], route: int) -> bool:
         """Settle the ``sending`` claims of a route's escalation phones; True when none is left open."""

@@ -455,6 +455,11 @@ class Ledger:
         """Remove ``member`` only if it is still due at ``due_ms`` (not rescheduled since it was read)."""
         return bool(await self._unschedule_if(keys=[DUE_KEY], args=[member, due_ms]))
 
+    async def first_to_mark(self, alert_id: str, field: str) -> bool:
+        """Set ``field`` on the alert's hash unless it is there: True for the one caller, of all processes, that
+        set it (an event that several processes may each see complete, counted once)."""
+        return bool(await self.redis.hsetnx(alert_key(alert_id), field, "1"))
+
     async def acked(self, alert_id: str) -> bool:
         return bool(await self.redis.hexists(alert_key(alert_id), "ack"))
 

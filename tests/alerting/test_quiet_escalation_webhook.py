@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client import REGISTRY
 from twilio.request_validator import RequestValidator
 
 from alerting.dispatcher import AckResult, Dispatcher
@@ -83,6 +84,26 @@ async def test_unacknowledged_alert_escalates_once(
     await d.run_due_once()
     assert await d.dispatch(anomaly(1, severity="critical"))
     assert len(fake.accepted) == 2
+
+
+async def test_an_escalation_two_processes_pick_up_is_sent_and_counted_once(
+    fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
+) -> None:
+    clock = FakeClock(NIGHT)
+    routing = parse_routing(ROUTING)
+    d1 = make_dispatcher(sender, routing, clock=clock)
+    d2 = make_dispatcher(sender, routing, clock=clock, own_client=True)
+    assert await d1.dispatch(anomaly(1, severity="critical"))
+    before = REGISTRY.get_sample_value("wd_escalations_total") or 0.0
+    clock.advance(11 * 60)
+    # Both pick the due escalation up at once: one sends, the other finds the claim and comes back to it later,
+    # when it finds the SMS accepted. Before, both counted the escalation.
+    await asyncio.gather(d1.run_due_once(), d2.run_due_once())
+    clock.advance(PLAIN.postpone_s + 1)
+    await asyncio.gather(d1.run_due_once(), d2.run_due_once())
+    assert await d1.ledger.due_count() == 0
+    assert fake.accepted_count("plant-7:s-0042:1", PHONE_ESC) == 1
+    assert (REGISTRY.get_sample_value("wd_escalations_total") or 0.0) - before == 1
 
 
 async def test_escalation_of_a_deferred_warning_starts_after_the_quiet_hours(

@@ -622,8 +622,11 @@ class Dispatcher:
 
         Items run as tasks, at most ``scheduler_concurrency`` at once, and a poll does not wait for the items of the
         last one: an item that takes long (a send waiting for its number's slot, or out a 429's ``Retry-After``)
-        holds one slot, while work that falls due meanwhile goes out at the next poll. On ``stop`` the items in
-        hand are finished; cancelled, they are cancelled too (an interrupted send is settled by the next start).
+        holds one slot, while work that falls due meanwhile goes out at the next poll. At most one SMS item per
+        number is in hand (see :meth:`_due_items`). Escalations and fold summaries waiting for their numbers' slots
+        still hold a slot each: many of them to one number can fill the slots for as long as that number's backlog
+        lasts. On ``stop`` the items in hand are finished; cancelled, they are cancelled too (an interrupted send
+        is settled by the next start).
         """
         limit = max(1, self.config.scheduler_concurrency)
         running: set[asyncio.Task[None]] = set()
@@ -633,7 +636,7 @@ class Dispatcher:
                 items: list[tuple[str, int]] = []
                 if room > 0:
                     try:
-                        items = await self._due_items(room)
+                        items = await self._due_items(room, one_per_phone=True)
                     except Exception:
                         logger.exception("alert scheduler poll failed; retrying")
                 for member, due_ms in items:
@@ -680,10 +683,31 @@ class Dispatcher:
         await asyncio.gather(*(one(m, due_ms) for m, due_ms in items))
         return len(items)
 
-    async def _due_items(self, limit: int) -> list[tuple[str, int]]:
-        """Up to ``limit`` due items (member, due time in ms), oldest first, none already being processed here."""
-        due = await self.ledger.due(_ms(self._clock()), limit + len(self._due_busy))
-        return [(m, due_ms) for m, due_ms in due if m not in self._due_busy][:limit]
+    async def _due_items(self, limit: int, *, one_per_phone: bool = False) -> list[tuple[str, int]]:
+        """Up to ``limit`` due items (member, due time in ms), oldest first, none being processed here.
+
+        With ``one_per_phone``, at most one SMS item per number is in hand: a number's SMS go out one send slot at
+        a time anyway, and a backlog of them (quiet hours ending on a night of warnings) would otherwise hold every
+        scheduler slot asleep, waiting for that number's slots, while other numbers' work waited behind it.
+        """
+        busy = set(
+            self._due_busy
+        )  # as of the read: an item that finishes while it is under way is not picked again
+        window = max(self.config.scheduler_batch, limit + len(busy)) if one_per_phone else limit + len(busy)
+        due = await self.ledger.due(_ms(self._clock()), window)
+        lanes = {phone for m in busy if (phone := _send_phone(m))} if one_per_phone else set()
+        out: list[tuple[str, int]] = []
+        for member, due_ms in due:
+            if member in busy or member in self._due_busy:
+                continue
+            if one_per_phone and (phone := _send_phone(member)):
+                if phone in lanes:
+                    continue
+                lanes.add(phone)
+            out.append((member, due_ms))
+            if len(out) == limit:
+                break
+        return out
 
     async def _run_due(self, member: str, due_ms: int) -> None:
         """Process one due item picked up at ``due_ms`` (the caller put it in ``_due_busy``; taken out here)."""
@@ -892,6 +916,12 @@ class Dispatcher:
 
     async def aclose(self) -> None:
         await self.sender.aclose()
+
+
+def _send_phone(member: str) -> str | None:
+    """The number of a due SMS item (``send|alert|tag|phone``); None for other kinds."""
+    kind, _, rest = member.partition("|")
+    return rest.rsplit("|", 1)[-1] if kind == "send" else None
 
 
 def _escalation_claims(fields: Mapping[str, str], route: int) -> list[tuple[str, dict[str, Any]]]:

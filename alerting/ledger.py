@@ -32,6 +32,7 @@ lead), plans the escalations, and per phone reserves the send slot (the shared G
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, cast
@@ -457,8 +458,13 @@ class Ledger:
 
     async def first_to_mark(self, alert_id: str, field: str) -> bool:
         """Set ``field`` on the alert's hash unless it is there: True for the one caller, of all processes, that
-        set it (an event that several processes may each see complete, counted once)."""
-        return bool(await self.redis.hsetnx(alert_key(alert_id), field, "1"))
+        set it (an event that several processes may each see complete, counted once). The value is a token of
+        this call, so a command resent after a lost reply still finds the mark its own."""
+        token = secrets.token_hex(8)
+        key = alert_key(alert_id)
+        if await self.redis.hsetnx(key, field, token):
+            return True
+        return _s(await self.redis.hget(key, field)) == token
 
     async def acked(self, alert_id: str) -> bool:
         return bool(await self.redis.hexists(alert_key(alert_id), "ack"))

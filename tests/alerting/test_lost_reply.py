@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio as aredis
 
 from alerting.dispatcher import Dispatcher
-from alerting.ledger import phone_field
+from alerting.ledger import Ledger, alert_key, phone_field
 from alerting.ratelimit import RedisSendRateLimiter
 from alerting.routing import Routing
 from alerting.sms import TwilioSender
@@ -127,3 +127,21 @@ async def test_a_claim_whose_reply_was_lost_is_still_sent_once(
     per_key = fake.accepted_by_key()
     assert per_key[("plant-7:s-0042:2", PHONE_A)] == 1 and per_key[("plant-7:s-0042:2", PHONE_B)] == 1
     assert {records[phone_field("", p)]["s"] for p in (PHONE_A, PHONE_B)} == {"accepted"}
+
+
+async def test_a_mark_whose_reply_was_lost_is_still_the_callers(
+    dropper: ReplyDropper, r: aredis.Redis
+) -> None:
+    # An escalation is counted by the one process whose mark (HSETNX) lands; redis-py resends the command when the
+    # reply is lost, and the resend finds the field set: the mark is still recognized as this caller's.
+    via_proxy = aredis.Redis(host="127.0.0.1", port=dropper.port)
+    ledger = Ledger(via_proxy, ttl_s=60)
+    try:
+        await via_proxy.ping()
+        dropper.arm(b"HSETNX")
+        assert await ledger.first_to_mark("plant-7:s-0042:1", "x:0")
+        assert not await ledger.first_to_mark("plant-7:s-0042:1", "x:0")  # anyone after: not theirs
+    finally:
+        await via_proxy.aclose()
+    assert dropper.dropped == 1  # the fault really happened
+    assert await r.hexists(alert_key("plant-7:s-0042:1"), "x:0")

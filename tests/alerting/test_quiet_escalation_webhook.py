@@ -187,6 +187,80 @@ quiet_hours = {{ start = "22:00", end = "07:00", tz = "Europe/London" }}
     assert await d.ledger.due_count() == 0
 
 
+async def test_a_backlog_of_one_numbers_sms_does_not_hold_every_scheduler_slot(
+    fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
+) -> None:
+    # Quiet hours end on three deferred warnings to one number (one send slot every 2 s) and one to another
+    # number. With two scheduler slots, two of the first number's SMS used to take both, asleep for their slots,
+    # and the other number's SMS waited behind them; one SMS item per number is in hand now.
+    routing = parse_routing(
+        f"""
+[[route]]
+sites = ["plant-7"]
+phones = ["{PHONE_A}"]
+quiet_hours = {{ start = "22:00", end = "06:00", tz = "Europe/London" }}
+
+[[route]]
+sites = ["plant-8"]
+phones = ["{PHONE_B}"]
+quiet_hours = {{ start = "22:00", end = "06:00", tz = "Europe/London" }}
+"""
+    )
+    clock = FakeClock(NIGHT)
+    limiter = SendRateLimiter(per_number_rate=0.5, per_number_burst=1)
+    config = dataclasses.replace(PLAIN, scheduler_interval_s=0.02, scheduler_concurrency=2)
+    d = make_dispatcher(sender, routing, clock=clock, limiter=limiter, config=config)
+    for seq in (1, 2, 3):
+        assert await d.dispatch(anomaly(seq, sensor=f"s-000{seq}"))
+    # All four are due at 06:00; the first number's come first in the scheduler's order (members sort by name).
+    assert await d.dispatch(anomaly(4, site="plant-8"))
+    clock.now = QUIET_END + 1
+    limiter.reserve(PHONE_A)  # the first number's next slot is 2 s away
+    stop = asyncio.Event()
+    scheduler = asyncio.create_task(d.run_scheduler(stop))
+    try:
+        async with asyncio.timeout(1.0):
+            while fake.accepted_count("plant-8:s-0042:4", PHONE_B) == 0:
+                await asyncio.sleep(0.01)
+        assert [a.to for a in fake.accepted] == [PHONE_B]
+        async with asyncio.timeout(15):
+            while len(fake.accepted) < 4:
+                await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await asyncio.wait_for(scheduler, 10)
+    assert [a.alert_id for a in fake.accepted if a.to == PHONE_A] == [
+        "plant-7:s-0001:1",
+        "plant-7:s-0002:2",
+        "plant-7:s-0003:3",
+    ]
+    assert await d.ledger.due_count() == 0
+
+
+async def test_an_item_that_finishes_while_a_poll_reads_is_not_picked_again(
+    fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
+) -> None:
+    # The scheduler polls while items run. The poll's read can list an item that is running; if the item finishes
+    # (and leaves the busy set) before the reply is handled, the poll must still not start it again.
+    clock = FakeClock(NIGHT)
+    d = make_dispatcher(sender, parse_routing(ROUTING.split("escalation")[0]), clock=clock)
+    assert await d.dispatch(anomaly(1))
+    clock.now = QUIET_END + 1
+    [(member, _)] = await d.ledger.due(int(clock.now * 1000), 10)
+    d._due_busy.add(member)  # running
+    real_due = d.ledger.due
+
+    async def due_then_finish(now_ms: int, limit: int) -> list[tuple[str, int]]:
+        listed = await real_due(now_ms, limit)
+        d._due_busy.discard(member)  # it finished while the reply was on its way
+        return listed
+
+    d.ledger.due = due_then_finish  # type: ignore[method-assign]
+    assert await d._due_items(5, one_per_phone=True) == []
+    d._due_busy.add(member)  # running again
+    assert await d._due_items(5) == []
+
+
 async def test_a_cancelled_scheduler_cancels_the_items_in_hand(
     fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
 ) -> None:

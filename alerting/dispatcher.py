@@ -108,6 +108,9 @@ class DispatchConfig:
     scheduler_interval_s: float = 0.25
     scheduler_batch: int = 200
     scheduler_concurrency: int = 32
+    #: On stop, how long the scheduler's items in hand may take to finish before they are cancelled (within the
+    #: run loop's 10-s grace, like the Pub/Sub dispatches' drain).
+    scheduler_drain_s: float = 8.0
     #: A due item that could not be settled yet (in flight elsewhere) is looked at again this much later.
     postpone_s: float = 1.0
 
@@ -625,8 +628,8 @@ class Dispatcher:
         holds one slot, while work that falls due meanwhile goes out at the next poll. At most one SMS item per
         number is in hand (see :meth:`_due_items`). Escalations and fold summaries waiting for their numbers' slots
         still hold a slot each: many of them to one number can fill the slots for as long as that number's backlog
-        lasts. On ``stop`` the items in hand are finished; cancelled, they are cancelled too (an interrupted send
-        is settled by the next start).
+        lasts. On ``stop`` the items in hand get ``scheduler_drain_s`` to finish, then they are cancelled; cancelled,
+        they are cancelled too (an interrupted send is settled by the next start).
         """
         limit = max(1, self.config.scheduler_concurrency)
         running: set[asyncio.Task[None]] = set()
@@ -660,11 +663,14 @@ class Dispatcher:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), self.config.scheduler_interval_s)
                 # else: everything due was started; poll again at once for what fell due meanwhile
-        except BaseException:
+            if running:
+                # Stopping: the items in hand get ``scheduler_drain_s`` (within the crew's grace), then they are
+                # cancelled. One still waiting then is mostly asleep (for its number's send slot, or out a
+                # Retry-After, its retry already written): it stays scheduled for the next start.
+                await asyncio.wait(running, timeout=self.config.scheduler_drain_s)
+        finally:
             for task in running:
                 task.cancel()
-            raise
-        finally:
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
 

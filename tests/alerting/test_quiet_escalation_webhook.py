@@ -28,6 +28,7 @@ from tests.alerting.conftest import (
     FakeClock,
     HangingSender,
     anomaly,
+    fast_limiter,
 )
 
 # 2026-01-02T00:00:00Z is 00:00 in London (winter): inside 22:00-06:00.
@@ -259,6 +260,35 @@ async def test_an_item_that_finishes_while_a_poll_reads_is_not_picked_again(
     assert await d._due_items(5, one_per_phone=True) == []
     d._due_busy.add(member)  # running again
     assert await d._due_items(5) == []
+
+
+async def test_a_stopped_scheduler_gives_its_items_a_bounded_drain_and_leaves_the_rest_scheduled(
+    fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
+) -> None:
+    # An item asleep for its number's send slot (10 s away) when the crew stops must not hold the stop past the
+    # run loop's grace (which would cancel the whole crew, live dispatches with it): after the drain it is
+    # cancelled, still scheduled, and the next start sends it.
+    clock = FakeClock(NIGHT)
+    limiter = SendRateLimiter(per_number_rate=0.1, per_number_burst=1)
+    config = dataclasses.replace(PLAIN, scheduler_interval_s=0.02, scheduler_drain_s=0.3)
+    routing = parse_routing(ROUTING.split("escalation")[0])
+    d = make_dispatcher(sender, routing, clock=clock, limiter=limiter, config=config)
+    assert await d.dispatch(anomaly(1))
+    clock.now = QUIET_END + 1
+    limiter.reserve(PHONE_A)
+    stop = asyncio.Event()
+    scheduler = asyncio.create_task(d.run_scheduler(stop))
+    await asyncio.sleep(0.2)
+    stop.set()
+    started = asyncio.get_running_loop().time()
+    await asyncio.wait_for(scheduler, 5)
+    assert asyncio.get_running_loop().time() - started < 2.0
+    assert fake.accepted == []
+    assert await d.ledger.due_count() == 1
+    # The next start (its own rate bound) sends it.
+    d2 = make_dispatcher(sender, routing, clock=clock, limiter=fast_limiter(), config=config, own_client=True)
+    assert await d2.run_due_once() == 1
+    assert [a.to for a in fake.accepted] == [PHONE_A]
 
 
 async def test_a_cancelled_scheduler_cancels_the_items_in_hand(

@@ -143,12 +143,11 @@ async def test_an_ack_while_a_deferred_sms_waits_for_its_send_slot_cancels_it(
     assert await d.ledger.due_count() == 0
 
 
-async def test_work_that_falls_due_while_an_item_waits_goes_out_without_waiting_for_it(
-    fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
-) -> None:
-    # Two sites' warnings deferred by quiet hours ending at 06:00 and 07:00. The first waits 2 s for its number's
-    # send slot; the second falls due meanwhile and must not wait behind it (a poll used to wait for every item it
-    # had started before looking again).
+def _two_numbers_at_night(
+    make_dispatcher: DispatcherFactory, sender: TwilioSender, b_quiet_end: str, **config: Any
+) -> tuple[Dispatcher, FakeClock, SendRateLimiter]:
+    """A dispatcher at night: plant-7 to PHONE_A, quiet until 06:00; plant-8 to PHONE_B, quiet until
+    ``b_quiet_end`` (London); one SMS every 2 s per number; the scheduler polling every 20 ms."""
     routing = parse_routing(
         f"""
 [[route]]
@@ -159,13 +158,22 @@ quiet_hours = {{ start = "22:00", end = "06:00", tz = "Europe/London" }}
 [[route]]
 sites = ["plant-8"]
 phones = ["{PHONE_B}"]
-quiet_hours = {{ start = "22:00", end = "07:00", tz = "Europe/London" }}
+quiet_hours = {{ start = "22:00", end = "{b_quiet_end}", tz = "Europe/London" }}
 """
     )
     clock = FakeClock(NIGHT)
     limiter = SendRateLimiter(per_number_rate=0.5, per_number_burst=1)
-    config = dataclasses.replace(PLAIN, scheduler_interval_s=0.02)
-    d = make_dispatcher(sender, routing, clock=clock, limiter=limiter, config=config)
+    settings = dataclasses.replace(PLAIN, scheduler_interval_s=0.02, **config)
+    return make_dispatcher(sender, routing, clock=clock, limiter=limiter, config=settings), clock, limiter
+
+
+async def test_work_that_falls_due_while_an_item_waits_goes_out_without_waiting_for_it(
+    fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
+) -> None:
+    # Two sites' warnings deferred by quiet hours ending at 06:00 and 07:00. The first waits 2 s for its number's
+    # send slot; the second falls due meanwhile and must not wait behind it (a poll used to wait for every item it
+    # had started before looking again).
+    d, clock, limiter = _two_numbers_at_night(make_dispatcher, sender, b_quiet_end="07:00")
     assert await d.dispatch(anomaly(1))
     assert await d.dispatch(anomaly(2, site="plant-8"))
     assert fake.accepted == []
@@ -194,23 +202,9 @@ async def test_a_backlog_of_one_numbers_sms_does_not_hold_every_scheduler_slot(
     # Quiet hours end on three deferred warnings to one number (one send slot every 2 s) and one to another
     # number. With two scheduler slots, two of the first number's SMS used to take both, asleep for their slots,
     # and the other number's SMS waited behind them; one SMS item per number is in hand now.
-    routing = parse_routing(
-        f"""
-[[route]]
-sites = ["plant-7"]
-phones = ["{PHONE_A}"]
-quiet_hours = {{ start = "22:00", end = "06:00", tz = "Europe/London" }}
-
-[[route]]
-sites = ["plant-8"]
-phones = ["{PHONE_B}"]
-quiet_hours = {{ start = "22:00", end = "06:00", tz = "Europe/London" }}
-"""
+    d, clock, limiter = _two_numbers_at_night(
+        make_dispatcher, sender, b_quiet_end="06:00", scheduler_concurrency=2
     )
-    clock = FakeClock(NIGHT)
-    limiter = SendRateLimiter(per_number_rate=0.5, per_number_burst=1)
-    config = dataclasses.replace(PLAIN, scheduler_interval_s=0.02, scheduler_concurrency=2)
-    d = make_dispatcher(sender, routing, clock=clock, limiter=limiter, config=config)
     for seq in (1, 2, 3):
         assert await d.dispatch(anomaly(seq, sensor=f"s-000{seq}"))
     # All four are due at 06:00; the first number's come first in the scheduler's order (members sort by name).

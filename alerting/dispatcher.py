@@ -65,42 +65,6 @@ _INFLIGHT_WAIT: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "wd_inflight_wait", default=None
 )
 
-
-class _Slot:
-    """A scheduler item's hold on one of the scheduler's working slots (``scheduler_concurrency``). The item gives
-    it up while it sleeps (for a send slot or out a Retry-After: no connection, no request), so that items of other
-    numbers work meanwhile."""
-
-    def __init__(self, slots: asyncio.Semaphore) -> None:
-        self.slots = slots
-        self.held = False
-
-    async def take(self) -> None:
-        await self.slots.acquire()
-        self.held = True
-
-    def give(self) -> None:
-        if self.held:
-            self.held = False
-            self.slots.release()
-
-
-# The slot the current task (a scheduler item) holds; None on the live path.
-_SLOT: contextvars.ContextVar[_Slot | None] = contextvars.ContextVar("wd_scheduler_slot", default=None)
-
-
-async def _asleep(seconds: float) -> None:
-    """Sleep without holding a scheduler slot (the task is a scheduler item), then take one again (cancelled
-    meanwhile: none is held, none given back twice)."""
-    slot = _SLOT.get()
-    if slot is None or not slot.held:
-        await asyncio.sleep(seconds)
-        return
-    slot.give()
-    await asyncio.sleep(seconds)
-    await slot.take()
-
-
 # Where one dispatch's time went (``time.perf_counter()`` marks), for the "slow SMS" log line; shared by the
 # dispatch's per-phone tasks, which only read it.
 _TRACE: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(
@@ -404,7 +368,7 @@ class Dispatcher:
         """Wait for a reserved send slot, claim the record (absent -> ``sending``) and send."""
         field = phone_field(tag, phone)
         if wait > 0:
-            await _asleep(wait)
+            await asyncio.sleep(wait)
             if unless_acked and (done := await self._cancel_if_acked(alert_id, field, base)) is not None:
                 return done
         now = self._clock()
@@ -479,8 +443,8 @@ class Dispatcher:
             logger.info(
                 "alert %s to %s: %s, retrying in %.2fs", alert_id, mask_phone(phone), result.reason, wait
             )
-            await _asleep(wait)
-            await self._send_slot(phone)
+            await asyncio.sleep(wait)
+            await self.limiter.acquire(phone)
             now = self._clock()
             claim, token = self._claim(rec, now)
             ok, cur = await self.ledger.cas(
@@ -594,12 +558,6 @@ class Dispatcher:
                 logger.warning("recording %s of %s failed; retrying", rec.get("s"), alert_id)
                 await asyncio.sleep(0.1 * 2**attempt)
 
-    async def _send_slot(self, phone: str) -> None:
-        """Wait for ``phone``'s next send slot (asleep: see :func:`_asleep`)."""
-        wait = await self.limiter.reserve_async(phone)
-        if wait > 0:
-            await _asleep(wait)
-
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         cfg = self.config
         # Jitter spreads the retries of a burst that was refused together.
@@ -665,21 +623,19 @@ class Dispatcher:
     async def run_scheduler(self, stop: asyncio.Event) -> None:
         """Run due work until ``stop`` is set; errors are logged and the loop carries on.
 
-        Items run as tasks, and a poll does not wait for the items of the last one. At most
-        ``scheduler_concurrency`` items work at once; an item asleep (for its number's send slot, or out a 429's
-        ``Retry-After``) gives its working slot up meanwhile, so a backlog for one number (escalations to the
-        on-call number after a night of alerts) does not hold back other numbers' work. At most ``scheduler_batch``
-        items are in hand, and at most one SMS item per number (see :meth:`_due_items`). On ``stop`` the items in
-        hand get ``scheduler_drain_s`` to finish, then they are cancelled (asleep, mostly: they stay scheduled);
-        cancelled, they are cancelled too (an interrupted send is settled by the next start).
+        Items run as tasks, at most ``scheduler_concurrency`` at once, and a poll does not wait for the items of the
+        last one: an item that takes long (a send waiting for its number's slot, or out a 429's ``Retry-After``)
+        holds one slot, while work that falls due meanwhile goes out at the next poll. At most one SMS item per
+        number is in hand (see :meth:`_due_items`). Escalations and fold summaries waiting for their numbers' slots
+        still hold a slot each: many of them to one number can fill the slots for as long as that number's backlog
+        lasts. On ``stop`` the items in hand get ``scheduler_drain_s`` to finish, then they are cancelled; cancelled,
+        they are cancelled too (an interrupted send is settled by the next start).
         """
-        slots = asyncio.Semaphore(max(1, self.config.scheduler_concurrency))
-        in_hand = max(1, self.config.scheduler_concurrency, self.config.scheduler_batch)
+        limit = max(1, self.config.scheduler_concurrency)
         running: set[asyncio.Task[None]] = set()
         try:
             while not stop.is_set():
-                # New items only when a working slot is free: the others would only queue for one.
-                room = 0 if slots.locked() else in_hand - len(running)
+                room = limit - len(running)
                 items: list[tuple[str, int]] = []
                 if room > 0:
                     try:
@@ -688,12 +644,11 @@ class Dispatcher:
                         logger.exception("alert scheduler poll failed; retrying")
                 for member, due_ms in items:
                     self._due_busy.add(member)  # before the task runs: the next poll must not pick it again
-                    task = asyncio.create_task(self._run_in_slot(member, due_ms, slots), name="alerts-due")
+                    task = asyncio.create_task(self._run_due(member, due_ms), name="alerts-due")
                     running.add(task)
                     task.add_done_callback(running.discard)
-                if room <= 0 or len(items) == room:
-                    # No room, maybe more due: poll again when an item ends or after the interval (an item that
-                    # falls asleep frees a working slot without ending).
+                if items and len(items) == room:
+                    # Every slot busy, maybe more due: poll again when a slot frees (or after the interval).
                     wait: set[asyncio.Future[Any]] = {*running, asyncio.ensure_future(stop.wait())}
                     try:
                         await asyncio.wait(
@@ -724,21 +679,15 @@ class Dispatcher:
         items = await self._due_items(self.config.scheduler_batch)
         if not items:
             return 0
-        slots = asyncio.Semaphore(max(1, self.config.scheduler_concurrency))
-        self._due_busy.update(m for m, _ in items)
-        await asyncio.gather(*(self._run_in_slot(m, due_ms, slots) for m, due_ms in items))
-        return len(items)
+        sem = asyncio.Semaphore(self.config.scheduler_concurrency)
 
-    async def _run_in_slot(self, member: str, due_ms: int, slots: asyncio.Semaphore) -> None:
-        """Run one due item (in ``_due_busy``, taken out here) in a working slot of ``slots`` (see :func:`_asleep`)."""
-        slot = _Slot(slots)
-        _SLOT.set(slot)  # this task's own context
-        try:
-            await slot.take()
-            await self._run_due(member, due_ms)
-        finally:
-            slot.give()
-            self._due_busy.discard(member)
+        async def one(member: str, due_ms: int) -> None:
+            async with sem:
+                self._due_busy.add(member)
+                await self._run_due(member, due_ms)
+
+        await asyncio.gather(*(one(m, due_ms) for m, due_ms in items))
+        return len(items)
 
     async def _due_items(self, limit: int, *, one_per_phone: bool = False) -> list[tuple[str, int]]:
         """Up to ``limit`` due items (member, due time in ms), oldest first, none being processed here.
@@ -821,7 +770,7 @@ class Dispatcher:
             and (done := await self._cancel_if_acked(alert_id, field, rec, member)) is not None
         ):
             return done
-        await self._send_slot(phone)
+        await self.limiter.acquire(phone)
         # Many deferred SMS to one number queue behind its rate bound when quiet hours end: the alert may have
         # been acknowledged while this one waited for its slot.
         if (

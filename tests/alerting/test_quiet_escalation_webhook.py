@@ -232,52 +232,6 @@ async def test_a_backlog_of_one_numbers_sms_does_not_hold_every_scheduler_slot(
     assert await d.ledger.due_count() == 0
 
 
-async def test_escalations_asleep_for_one_numbers_slots_leave_the_scheduler_to_other_numbers(
-    fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
-) -> None:
-    # A night of unacknowledged critical alerts escalates to one on-call number, whose next send slots are 2, 4
-    # and 6 s away; another number's deferred warning falls due as well. With two working slots, two escalations
-    # asleep for their slots used to take both; an item gives its slot up while it sleeps.
-    routing = parse_routing(
-        f"""
-[[route]]
-sites = ["plant-7"]
-phones = ["{PHONE_A}"]
-quiet_hours = {{ start = "22:00", end = "06:00", tz = "Europe/London" }}
-escalation = {{ after_minutes = 10, phones = ["{PHONE_ESC}"] }}
-
-[[route]]
-sites = ["plant-8"]
-phones = ["{PHONE_B}"]
-quiet_hours = {{ start = "22:00", end = "06:00", tz = "Europe/London" }}
-"""
-    )
-    clock = FakeClock(NIGHT)
-    limiter = SendRateLimiter(per_number_rate=0.5, per_number_burst=3)
-    config = dataclasses.replace(
-        PLAIN, scheduler_interval_s=0.02, scheduler_concurrency=2, scheduler_drain_s=0.3
-    )
-    d = make_dispatcher(sender, routing, clock=clock, limiter=limiter, config=config)
-    for seq in (1, 2, 3):
-        assert await d.dispatch(anomaly(seq, sensor=f"s-000{seq}", severity="critical"))
-    assert await d.dispatch(anomaly(4, site="plant-8"))  # a warning: deferred to 06:00
-    assert [a.to for a in fake.accepted] == [PHONE_A] * 3
-    clock.now = QUIET_END + 1  # the escalations (due at 00:10) and the warning are all due
-    for _ in range(3):
-        limiter.reserve(PHONE_ESC)  # the on-call number's burst is used up
-    stop = asyncio.Event()
-    scheduler = asyncio.create_task(d.run_scheduler(stop))
-    try:
-        async with asyncio.timeout(1.0):
-            while fake.accepted_count("plant-8:s-0042:4", PHONE_B) == 0:
-                await asyncio.sleep(0.01)
-        assert [a.to for a in fake.accepted][3:] == [PHONE_B]  # no escalation yet: all asleep for their slots
-    finally:
-        stop.set()
-        await asyncio.wait_for(scheduler, 5)
-    assert await d.ledger.due_count() >= 2  # the escalations cut short by the stop stay scheduled
-
-
 async def test_an_item_that_finishes_while_a_poll_reads_is_not_picked_again(
     fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
 ) -> None:

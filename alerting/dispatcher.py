@@ -209,13 +209,12 @@ class Dispatcher:
                     "resend of alert %s (site %s, %s) matched no route", alert_id, model.site, model.severity
                 )
                 return True
-            results = await asyncio.gather(
-                *(
+            return await _all_settled(
+                [
                     self._deliver(alert_id, tag, phone, due, body, model.ts_ms, observe_latency=True)
                     for phone, due in plan.phones.items()
-                )
+                ]
             )
-            return all(results)
 
         # One round trip decides (fold, throttle, lead), plans the escalations and, for each phone to send to now,
         # reserves its send slot and claims its record: the SMS request can follow at once.
@@ -826,8 +825,8 @@ class Dispatcher:
             until = QuietHours.from_json(spec["qh"]).until(_utc(now))
             due = until.timestamp() if until else None
         body = format_body(anomaly, code=ack_code(alert_id), escalated=True)
-        results = await asyncio.gather(
-            *(
+        settled = await _all_settled(
+            [
                 self._deliver(
                     alert_id,
                     "",
@@ -839,9 +838,9 @@ class Dispatcher:
                     unless_acked=True,
                 )
                 for p in spec["phones"]
-            )
+            ]
         )
-        if not all(results):
+        if not settled:
             return False
         # Every process that looks at this escalation once its SMS are settled gets here: count it once.
         if await self.ledger.first_to_mark(alert_id, f"x:{route}"):
@@ -869,15 +868,14 @@ class Dispatcher:
         now = self._clock()
         plan = self.routing.plan(str(lead_anomaly["site"]), str(lead_anomaly["severity"]), now)
         body = format_body(shown, code=ack_code(lead), alert_id=last_id or lead, folded=count)
-        results = await asyncio.gather(
-            *(
+        return await _all_settled(
+            [
                 self._deliver(
                     lead, f"f{gen}", p, d, body, int(shown["ts_ms"]), observe_latency=False, unless_acked=True
                 )
                 for p, d in plan.phones.items()
-            )
+            ]
         )
-        return all(results)
 
     # ---- acknowledgements ---------------------------------------------------------------------------------
 
@@ -959,7 +957,13 @@ async def _all_settled(sends: list[Coroutine[Any, Any, bool]]) -> bool:
     """
     if len(sends) == 1:
         return await sends[0]
-    return all(await asyncio.gather(*sends))
+    # Every send runs to its end before an error is raised: one left running would send (or hold its claim) after
+    # the caller had moved on, untracked, maybe against a client being closed.
+    results = await asyncio.gather(*sends, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return all(results)
 
 
 def _ms(seconds: float) -> int:

@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 from prometheus_client import REGISTRY
+from redis.exceptions import ConnectionError as RedisConnectionError
 from twilio.request_validator import RequestValidator
 
 from alerting.dispatcher import AckResult, Dispatcher
@@ -105,6 +106,30 @@ async def test_an_escalation_two_processes_pick_up_is_sent_and_counted_once(
     assert await d1.ledger.due_count() == 0
     assert fake.accepted_count("plant-7:s-0042:1", PHONE_ESC) == 1
     assert (REGISTRY.get_sample_value("wd_escalations_total") or 0.0) - before == 1
+
+
+async def test_an_escalation_whose_one_send_fails_lets_the_others_finish_first(
+    fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
+) -> None:
+    # An escalation to two numbers: reserving one number's send slot fails (a Redis error in a shared limiter)
+    # while the other's send waits 0.3 s for its slot. The item fails and is retried later; the other send must
+    # have run to its end by then, not be left running untracked (before, it went on after the item had failed).
+    class FailingForB(SendRateLimiter):
+        def reserve(self, phone: str) -> float:
+            if phone == PHONE_B:
+                raise RedisConnectionError("connection lost")
+            return 0.3 if phone == PHONE_ESC else 0.0
+
+    routing = parse_routing(
+        ROUTING.replace(f'phones = ["{PHONE_ESC}"]', f'phones = ["{PHONE_ESC}", "{PHONE_B}"]')
+    )
+    clock = FakeClock(NIGHT)
+    d = make_dispatcher(sender, routing, clock=clock, limiter=FailingForB())
+    assert await d.dispatch(anomaly(1, severity="critical"))
+    clock.advance(11 * 60)
+    assert await d.run_due_once() == 1  # the item failed: logged, postponed
+    assert fake.accepted_count("plant-7:s-0042:1", PHONE_ESC) == 1  # finished before the failure was reported
+    assert await d.ledger.due_count() == 1
 
 
 async def test_escalation_of_a_deferred_warning_starts_after_the_quiet_hours(

@@ -695,9 +695,8 @@ class Dispatcher:
         a time anyway, and a backlog of them (quiet hours ending on a night of warnings) would otherwise hold every
         scheduler slot asleep, waiting for that number's slots, while other numbers' work waited behind it.
         """
-        busy = set(
-            self._due_busy
-        )  # as of the read: an item that finishes while it is under way is not picked again
+        # As of the read: an item that finishes while the read is under way is not picked again.
+        busy = set(self._due_busy)
         window = max(self.config.scheduler_batch, limit + len(busy)) if one_per_phone else limit + len(busy)
         due = await self.ledger.due(_ms(self._clock()), window)
         lanes = {phone for m in busy if (phone := _send_phone(m))} if one_per_phone else set()

@@ -343,9 +343,14 @@ class Dispatcher:
                 return True
             return await self._settle_existing(alert_id, field, cur)
 
+        # An SMS already handled or in hand (this item looked at again, a resend, another process) takes no send
+        # slot: each spare reservation would push the number's next real SMS back by one.
+        existing = await self.ledger.get(alert_id, field)
+        if existing is not None:
+            return await self._settle_existing(alert_id, field, existing)
         wait = await self.limiter.reserve_async(phone)
         if wait > 0:
-            # Do not queue behind the rate bound for an SMS that someone already handled.
+            # Nor queue behind the rate bound for one that someone handled meanwhile.
             existing = await self.ledger.get(alert_id, field)
             if existing is not None:
                 return await self._settle_existing(alert_id, field, existing)

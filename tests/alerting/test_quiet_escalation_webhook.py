@@ -132,6 +132,43 @@ async def test_an_escalation_whose_one_send_fails_lets_the_others_finish_first(
     assert await d.ledger.due_count() == 1
 
 
+async def test_an_escalation_looked_at_again_takes_no_send_slot_for_a_number_it_has_sent_to(
+    fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
+) -> None:
+    # An escalation to two numbers, one of them held by another process's in-flight send: the item is looked at
+    # again a moment later. Its SMS to the other number went out the first time; the second look must not reserve
+    # that number's send slot again (each spare reservation pushed its next real SMS back by a slot).
+    class Counting(SendRateLimiter):
+        def __init__(self) -> None:
+            super().__init__(per_number_rate=1000, per_number_burst=1000)
+            self.reserved: list[str] = []
+
+        def reserve(self, phone: str) -> float:
+            self.reserved.append(phone)
+            return super().reserve(phone)
+
+    routing = parse_routing(
+        ROUTING.replace(f'phones = ["{PHONE_ESC}"]', f'phones = ["{PHONE_ESC}", "{PHONE_B}"]')
+    )
+    clock = FakeClock(NIGHT)
+    limiter = Counting()
+    d = make_dispatcher(sender, routing, clock=clock, limiter=limiter)
+    assert await d.dispatch(anomaly(1, severity="critical"))
+    clock.advance(11 * 60)
+    held, _ = d._claim({"body": "x", "ts": 0, "n": 0}, clock.now + 3600)  # in flight elsewhere, not stale
+    ok, _ = await d.ledger.cas("plant-7:s-0042:1", phone_field("", PHONE_B), held, allowed=("",), now_ms=0)
+    assert ok
+    limiter.reserved.clear()
+    assert (
+        await d.run_due_once() == 1
+    )  # the SMS to PHONE_ESC goes out; PHONE_B's is not settled: looked at later
+    assert fake.accepted_count("plant-7:s-0042:1", PHONE_ESC) == 1
+    clock.advance(PLAIN.postpone_s + 1)
+    assert await d.run_due_once() == 1
+    assert limiter.reserved.count(PHONE_ESC) == 1
+    assert fake.accepted_count("plant-7:s-0042:1", PHONE_ESC) == 1
+
+
 async def test_escalation_of_a_deferred_warning_starts_after_the_quiet_hours(
     fake: TwilioFake, sender: TwilioSender, make_dispatcher: DispatcherFactory
 ) -> None:

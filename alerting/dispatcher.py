@@ -349,11 +349,6 @@ class Dispatcher:
         if existing is not None:
             return await self._settle_existing(alert_id, field, existing)
         wait = await self.limiter.reserve_async(phone)
-        if wait > 0:
-            # Nor queue behind the rate bound for one that someone handled meanwhile.
-            existing = await self.ledger.get(alert_id, field)
-            if existing is not None:
-                return await self._settle_existing(alert_id, field, existing)
         return await self._claim_and_send(
             alert_id, tag, phone, base, wait, observe_latency=observe_latency, unless_acked=unless_acked
         )
